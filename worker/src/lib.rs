@@ -1,1 +1,115 @@
+//! `conveyor-worker`: takes run jobs from the queue and executes them — the agent loop against
+//! the configured LLM, tools over held MCP connections, results committed to Postgres, events
+//! streamed through Redis. Scale by starting more worker processes.
 
+pub mod agent;
+pub mod execution;
+pub mod mcp;
+
+use std::time::Duration;
+
+use conveyor_shared::{
+    config::WorkerConfig,
+    events::EventBus,
+    llm::build_client,
+    queue::{ConsumerConfig, JobProducer, QueueName, run_consumers, unique_worker_name},
+};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    agent::{Agent, RetryPolicy},
+    execution::RunExecutor,
+    mcp::McpPool,
+};
+
+/// How this worker process consumes (from the command line).
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub queues: Vec<QueueName>,
+    pub concurrency: usize,
+}
+
+/// A start-up failure.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Db(#[from] conveyor_shared::db::DbError),
+    #[error(transparent)]
+    Events(#[from] conveyor_shared::events::EventError),
+    #[error(transparent)]
+    Queue(#[from] conveyor_shared::queue::QueueError),
+    #[error(transparent)]
+    Servers(#[from] mcp::ServersFileError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Runs the worker until `shutdown` is cancelled, then finishes or hands back in-flight runs.
+pub async fn run(
+    config: WorkerConfig,
+    options: WorkerOptions,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let common = &config.common;
+    let db = conveyor_shared::db::connect_and_migrate(
+        common.database_url.expose(),
+        common.database_pool_size,
+    )
+    .await?;
+    let bus = EventBus::connect(
+        common.redis_url.expose(),
+        &common.redis_prefix,
+        common.event_stream_ttl,
+    )
+    .await?;
+
+    let tracker = TaskTracker::new();
+    let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
+    let mcp = McpPool::start(servers, config.mcp_call_timeout, &tracker, &shutdown);
+    mcp.wait_started(Duration::from_secs(15)).await;
+
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(options.concurrency.max(8))
+        .build()?;
+    let agent = Agent {
+        llm: build_client(&config.llm, http),
+        model: config.llm.model.clone(),
+        mcp,
+        db: db.clone(),
+        max_turns: config.max_turns,
+        retry: RetryPolicy::default(),
+    };
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
+    let worker_name = unique_worker_name(&host);
+    let producer = JobProducer::connect(common.redis_url.expose(), &common.redis_prefix).await?;
+    let executor = RunExecutor {
+        agent,
+        db,
+        bus,
+        producer,
+        worker_name: worker_name.clone(),
+        history_window: i64::from(config.history_window),
+        delta_coalesce: config.delta_coalesce,
+    };
+    tracing::info!(worker = %worker_name, provider = %config.llm.provider, model = %config.llm.model, concurrency = options.concurrency, "worker started");
+
+    let mut consumer =
+        ConsumerConfig::new(common.redis_url.expose(), &common.redis_prefix, worker_name);
+    consumer.queues = options.queues;
+    consumer.concurrency = options.concurrency;
+    consumer.batch_concurrency = options.concurrency.div_ceil(2);
+    let result = run_consumers(
+        consumer,
+        move |job| {
+            let executor = executor.clone();
+            async move { executor.handle(job).await }
+        },
+        shutdown.clone(),
+    )
+    .await;
+    shutdown.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result.map_err(Into::into)
+}

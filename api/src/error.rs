@@ -1,0 +1,137 @@
+//! The API's one error type and its HTTP mapping.
+//!
+//! Every refusal is `{"error": {"code", "message", …}}` with a status chosen in exactly one
+//! place ([`ApiError::status_code`]); the match is exhaustive, so a new kind of error forces a
+//! decision about what the client sees.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+
+/// An error answered to a client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed JSON or a malformed id in the path.
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        field: Option<String>,
+    },
+    /// Well-formed input with an invalid field.
+    #[error("{message}")]
+    Validation { field: String, message: String },
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The conversation already has an active run.
+    #[error("the conversation already has an active run")]
+    Busy { active_run_id: String },
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused { run_id: String },
+    #[error("the request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// A dependency (Postgres, Redis) is unreachable.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected failure; details are logged, not shown.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Validation {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Validation { .. } | Self::IdempotencyKeyReused { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Busy { .. } => StatusCode::CONFLICT,
+            Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest { .. } => "bad_request",
+            Self::Validation { .. } => "validation_failed",
+            Self::NotFound(_) => "not_found",
+            Self::Busy { .. } => "conflict",
+            Self::IdempotencyKeyReused { .. } => "idempotency_key_reused",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status_code();
+        let mut error = Map::new();
+        error.insert("code".into(), json!(self.code()));
+        error.insert("message".into(), json!(self.to_string()));
+        match &self {
+            Self::Validation { field, .. }
+            | Self::BadRequest {
+                field: Some(field), ..
+            } => {
+                error.insert("field".into(), json!(field));
+            }
+            Self::Busy { active_run_id } => {
+                error.insert("active_run_id".into(), json!(active_run_id));
+            }
+            Self::IdempotencyKeyReused { run_id } => {
+                error.insert("run_id".into(), json!(run_id));
+            }
+            Self::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Self::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
+            _ => {}
+        }
+        let mut response = (status, Json(json!({ "error": Value::Object(error) }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                Self::Unavailable(format!("database unavailable: {error}"))
+            }
+            other => Self::Internal(format!("database: {other}")),
+        }
+    }
+}
+
+impl From<conveyor_shared::events::EventError> for ApiError {
+    fn from(error: conveyor_shared::events::EventError) -> Self {
+        Self::Unavailable(error.to_string())
+    }
+}
+
+/// The API's result type.
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,58 @@
+//! `GET /api/{user_id}/runs/{run_id}` and its `/events`.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+
+use super::{Params, params};
+use crate::{
+    error::ApiError,
+    extract::{RunPath, resume_cursor},
+    services::runs,
+    sse,
+    state::AppState,
+};
+
+pub async fn get(
+    State(state): State<AppState>,
+    path: RunPath,
+) -> Result<Json<runs::RunView>, ApiError> {
+    Ok(Json(runs::get(&state, &path.user, &path.run_id).await?))
+}
+
+/// `POST …/cancel`: `202` when it changed something, `200` when the run had already ended.
+pub async fn cancel(State(state): State<AppState>, path: RunPath) -> Result<Response, ApiError> {
+    let (changed, run) = runs::cancel(&state, &path.user, &path.run_id).await?;
+    let status = if changed {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(run)).into_response())
+}
+
+/// The run's events after the cursor; `204` when the cursor is at or past its end.
+pub async fn events(
+    State(state): State<AppState>,
+    path: RunPath,
+    headers: HeaderMap,
+    query: Params,
+) -> Result<Response, ApiError> {
+    let query = params(query)?;
+    let after = resume_cursor(
+        &headers,
+        query.get("after").map(String::as_str),
+        query.get("starting_after").map(String::as_str),
+    )?;
+    match runs::attach(&state, &path.user, &path.run_id, after).await? {
+        runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
+        runs::Attach::Events(events) => Ok(sse::response(
+            path.run_id,
+            events,
+            state.config.sse_keepalive,
+        )),
+    }
+}

@@ -1,0 +1,285 @@
+//! Accepting a chat turn: validate, persist (conversation, user message, run and its
+//! `run.queued` event in one transaction), then publish and enqueue.
+//!
+//! The transaction is the durability point: once it commits, the turn cannot be lost. The
+//! publish and the push after it may fail (Redis down); the run stays `queued` in Postgres and
+//! the sweeper enqueues it again.
+
+use conveyor_shared::{
+    domain::Multitask,
+    events::{RunEvent, StoredEvent},
+    ids::{ConversationId, RunId, UserId},
+    queue::{QueueName, RunJob},
+    run_control,
+    store::{conversations, is_unique_violation, messages, run_events, runs},
+};
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::{error::ApiError, state::AppState};
+
+/// The body of `POST /api/{user_id}/chat`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub conversation_id: Option<ConversationId>,
+    pub message: String,
+    #[serde(default)]
+    pub multitask: Option<Multitask>,
+}
+
+/// A turn that was accepted (now or by an earlier request with the same idempotency key).
+#[derive(Debug, Clone)]
+pub struct AcceptedTurn {
+    pub run_id: RunId,
+    pub conversation_id: ConversationId,
+}
+
+/// Checks the message: not blank, within the limit, no NUL.
+fn validate_message(message: &str, max_chars: usize) -> Result<(), ApiError> {
+    if message.trim().is_empty() {
+        return Err(ApiError::validation("message", "message must not be empty"));
+    }
+    if message.contains('\0') {
+        return Err(ApiError::validation(
+            "message",
+            "message must not contain NUL characters",
+        ));
+    }
+    if message.chars().count() > max_chars {
+        return Err(ApiError::validation(
+            "message",
+            format!("message must be at most {max_chars} characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an `Idempotency-Key` header value.
+pub fn validate_idempotency_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > 255 || !key.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(ApiError::validation(
+            "Idempotency-Key",
+            "Idempotency-Key must be 1–255 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+fn request_hash(request: &ChatRequest) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(
+        request
+            .conversation_id
+            .as_ref()
+            .map_or("", ConversationId::as_str),
+    );
+    hasher.update([0]);
+    hasher.update(&request.message);
+    hasher.update([0]);
+    hasher.update(format!("{:?}", request.multitask.unwrap_or_default()));
+    hasher.finalize().iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+/// Accepts a turn for `user`.
+pub async fn accept(
+    state: &AppState,
+    user: &UserId,
+    request: ChatRequest,
+    idempotency_key: Option<&str>,
+) -> Result<AcceptedTurn, ApiError> {
+    validate_message(&request.message, state.config.max_message_chars)?;
+    let hash = request_hash(&request);
+    if let Some(key) = idempotency_key
+        && let Some(existing) = runs::by_idempotency_key(&state.db, user, key).await?
+    {
+        return replay(&existing, &hash);
+    }
+    let multitask = request.multitask.unwrap_or_default();
+
+    let run_id = RunId::new();
+    let mut interrupted = Vec::new();
+    let mut tx = state.db.begin().await?;
+    let (conversation_id, position) = if let Some(id) = &request.conversation_id {
+        if !conversations::lock_owned(&mut tx, user, id).await? {
+            return Err(ApiError::NotFound("conversation"));
+        }
+        let active = runs::active_in_conversation(&mut *tx, id.as_str()).await?;
+        let position = match (active, multitask) {
+            (None, _) => 0,
+            (Some(active_run_id), Multitask::Reject) => {
+                return Err(ApiError::Busy { active_run_id });
+            }
+            (Some(_), Multitask::Interrupt) => {
+                interrupted = runs::cancel_active_in_conversation(&mut *tx, id.as_str()).await?;
+                0
+            }
+            (Some(_), Multitask::Enqueue) => {
+                runs::position_in_conversation(&mut *tx, id.as_str(), run_id.as_str()).await?
+            }
+        };
+        (id.clone(), position)
+    } else {
+        let id = ConversationId::new();
+        conversations::insert(&mut tx, user, &id, &title_of(&request.message)).await?;
+        (id, 0)
+    };
+    let inserted = runs::insert(
+        &mut tx,
+        runs::NewRun {
+            id: run_id.as_str(),
+            user_id: user.as_str(),
+            conversation_id: conversation_id.as_str(),
+            idempotency_key,
+            request_hash: Some(&hash),
+            batch_id: None,
+            custom_id: None,
+        },
+    )
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(error) if is_unique_violation(&error) && idempotency_key.is_some() => {
+            // A concurrent request with the same key won the race: answer with its run.
+            drop(tx);
+            let key = idempotency_key.unwrap_or_default();
+            let existing = runs::by_idempotency_key(&state.db, user, key)
+                .await?
+                .ok_or(ApiError::Internal("idempotent run vanished".into()))?;
+            return replay(&existing, &hash);
+        }
+        Err(error) => return Err(error.into()),
+    }
+    let message_id = conveyor_shared::ids::MessageId::new();
+    messages::insert(
+        &mut tx,
+        messages::NewMessage {
+            id: message_id.as_str(),
+            conversation_id: conversation_id.as_str(),
+            user_id: user.as_str(),
+            run_id: run_id.as_str(),
+            role: "user",
+            content: &request.message,
+            tool_calls: serde_json::json!([]),
+            tool_call_id: None,
+            status: None,
+        },
+    )
+    .await?;
+    conversations::touch(&mut *tx, conversation_id.as_str()).await?;
+    let queued = RunEvent::Queued {
+        conversation_id: conversation_id.clone(),
+        position: u32::try_from(position).unwrap_or(u32::MAX),
+    };
+    run_events::insert_many(
+        &mut tx,
+        run_id.as_str(),
+        &[StoredEvent {
+            seq: 1,
+            kind: queued.kind(),
+            data: queued.data_json().into(),
+        }],
+    )
+    .await?;
+    tx.commit().await?;
+
+    // After the commit nothing can lose the turn: failures below are repaired by the sweeper.
+    for queued in interrupted {
+        let queued = RunId::from_trusted(queued);
+        if let Err(error) = run_control::cancel_queued(&state.db, &state.bus, &queued).await {
+            // The worker that takes its job finishes the cancel.
+            tracing::warn!(run_id = %queued, %error, "cannot cancel an interrupted run now");
+        }
+    }
+    if let Err(error) = state.bus.publish(&run_id, &queued, 0).await {
+        tracing::warn!(run_id = %run_id, %error, "cannot publish run.queued");
+    }
+    if let Err(error) = state
+        .producer
+        .push(QueueName::Chat, RunJob::new(run_id.as_str()))
+        .await
+    {
+        tracing::warn!(run_id = %run_id, %error, "cannot enqueue the run; the sweeper will");
+    }
+    tracing::info!(run_id = %run_id, user_id = %user, conversation_id = %conversation_id, "turn accepted");
+    Ok(AcceptedTurn {
+        run_id,
+        conversation_id,
+    })
+}
+
+fn replay(existing: &runs::Run, hash: &str) -> Result<AcceptedTurn, ApiError> {
+    if existing.request_hash.as_deref() != Some(hash) {
+        return Err(ApiError::IdempotencyKeyReused {
+            run_id: existing.id.clone(),
+        });
+    }
+    Ok(AcceptedTurn {
+        run_id: RunId::from_trusted(existing.id.clone()),
+        conversation_id: ConversationId::from_trusted(existing.conversation_id.clone()),
+    })
+}
+
+/// A conversation's title: the start of its first message.
+fn title_of(message: &str) -> String {
+    let line = message.trim().lines().next().unwrap_or_default();
+    let mut title: String = line.chars().take(80).collect();
+    if line.chars().count() > 80 {
+        title.push('…');
+    }
+    title
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_validated() {
+        assert!(validate_message("hi", 10).is_ok());
+        assert!(validate_message("   \n", 10).is_err());
+        assert!(validate_message("a\0b", 10).is_err());
+        assert!(validate_message(&"x".repeat(11), 10).is_err());
+        assert!(validate_message(&"é".repeat(10), 10).is_ok());
+    }
+
+    #[test]
+    fn titles_are_the_first_line_cut_short() {
+        assert_eq!(title_of("  add milk\nand bread"), "add milk");
+        assert_eq!(title_of(&"x".repeat(100)).chars().count(), 81);
+    }
+
+    #[test]
+    fn the_request_hash_depends_on_every_field() {
+        let a = ChatRequest {
+            conversation_id: None,
+            message: "hi".into(),
+            multitask: None,
+        };
+        let b = ChatRequest {
+            conversation_id: None,
+            message: "ho".into(),
+            multitask: None,
+        };
+        let c = ChatRequest {
+            conversation_id: None,
+            message: "hi".into(),
+            multitask: Some(Multitask::Enqueue),
+        };
+        assert_ne!(request_hash(&a), request_hash(&b));
+        assert_ne!(request_hash(&a), request_hash(&c));
+        assert_eq!(
+            request_hash(&a),
+            request_hash(&ChatRequest {
+                conversation_id: None,
+                message: "hi".into(),
+                multitask: Some(Multitask::Reject)
+            })
+        );
+    }
+}

@@ -1,0 +1,20 @@
+//! What every handler can reach: the database, the event bus and hub, the job producer.
+
+use std::sync::Arc;
+
+use conveyor_shared::{
+    config::ApiConfig,
+    events::{EventBus, EventHub},
+    queue::JobProducer,
+};
+use sqlx::PgPool;
+
+/// Shared application state. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub db: PgPool,
+    pub bus: EventBus,
+    pub hub: EventHub,
+    pub producer: JobProducer,
+    pub config: Arc<ApiConfig>,
+}

@@ -1,0 +1,56 @@
+//! The sweeper: Postgres is the source of truth, so runs that Postgres says are waiting but
+//! that no queue may hold — a push that failed after the commit, a Redis that lost its data,
+//! a worker that died mid-run — are pushed again. Duplicate jobs are harmless: a worker only
+//! claims a run that is queued or whose worker went silent.
+
+use std::time::Duration;
+
+use conveyor_shared::{
+    queue::{QueueName, RunJob},
+    store::runs,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// How long a run may sit `queued` before the sweeper pushes it again.
+const QUEUED_GRACE: Duration = Duration::from_secs(30);
+/// A running run whose worker has not sent a heartbeat for this long is re-enqueued.
+pub const RUNNING_STALE: Duration = Duration::from_secs(15);
+
+/// Sweeps every `interval` until `shutdown`.
+pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        if let Err(error) = sweep(&state).await {
+            tracing::warn!(%error, "sweep failed");
+        }
+    }
+}
+
+async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
+    let mut due = runs::stale_queued(&state.db, QUEUED_GRACE.as_secs_f64(), 500).await?;
+    due.extend(runs::stale_running(&state.db, RUNNING_STALE.as_secs_f64(), 500).await?);
+    for (run_id, batch_id) in due {
+        let queue = if batch_id.is_some() {
+            QueueName::Batch
+        } else {
+            QueueName::Chat
+        };
+        match state
+            .producer
+            .push(queue, RunJob::new(run_id.as_str()))
+            .await
+        {
+            Ok(()) => tracing::info!(run_id, "sweeper re-enqueued a run"),
+            Err(error) => {
+                tracing::warn!(run_id, %error, "sweeper cannot enqueue");
+                break;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! Configuration, read once at start-up from the environment (and a `.env` file).
+//!
+//! Every variable is documented in the README's table. Parsing is strict: a value that is
+//! present but invalid stops the process with a message naming the variable and what it
+//! accepts, rather than running with a silent default. Parsing goes through [`Env`] so tests
+//! can feed a map instead of mutating the process environment.
+
+use std::{
+    collections::HashMap, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
+};
+
+use crate::llm::LlmSettings;
+
+/// A configuration error; its message names the variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is required{hint}")]
+    Missing { var: String, hint: String },
+    #[error("{var}={value:?} is invalid: expected {expected}")]
+    Invalid {
+        var: String,
+        value: String,
+        expected: String,
+    },
+}
+
+/// Where configuration values come from.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment; empty values count as unset.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl ProcessEnv {
+    /// Loads `.env` (if present, never overriding real variables) and returns the environment.
+    pub fn load() -> Self {
+        // A missing .env file is the normal production case.
+        let _ = dotenvy::dotenv();
+        Self
+    }
+}
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok().filter(|v| !v.trim().is_empty())
+    }
+}
+
+impl<S: std::hash::BuildHasher> Env for HashMap<&str, &str, S> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key)
+            .map(|v| (*v).to_owned())
+            .filter(|v| !v.trim().is_empty())
+    }
+}
+
+/// Reads a required variable.
+pub fn required(env: &dyn Env, var: &str) -> Result<String, ConfigError> {
+    env.get(var).ok_or_else(|| ConfigError::Missing {
+        var: var.to_owned(),
+        hint: String::new(),
+    })
+}
+
+/// Reads an optional variable parsed with `FromStr`, or `default` when unset.
+pub fn parsed<T: FromStr>(
+    env: &dyn Env,
+    var: &str,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match env.get(var) {
+        None => Ok(default),
+        Some(value) => value.trim().parse().map_err(|_| ConfigError::Invalid {
+            var: var.to_owned(),
+            value,
+            expected: expected.to_owned(),
+        }),
+    }
+}
+
+/// Reads a duration given in whole seconds.
+pub fn seconds(env: &dyn Env, var: &str, default: u64) -> Result<Duration, ConfigError> {
+    parsed(env, var, default, "a whole number of seconds").map(Duration::from_secs)
+}
+
+/// Reads a duration given in milliseconds.
+pub fn millis(env: &dyn Env, var: &str, default: u64) -> Result<Duration, ConfigError> {
+    parsed(env, var, default, "a whole number of milliseconds").map(Duration::from_millis)
+}
+
+/// A URL or connection string that may embed a password; `Debug` hides it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// What both the API and the worker need: where the data lives and how events are kept.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    /// `DATABASE_URL`: Postgres, the source of truth.
+    pub database_url: Secret,
+    /// `REDIS_URL`: the queue, the event replay buffer and pub/sub.
+    pub redis_url: Secret,
+    /// `REDIS_PREFIX` (default `conveyor`): namespaces every Redis key, so deployments and
+    /// tests can share a server.
+    pub redis_prefix: String,
+    /// `EVENT_STREAM_TTL_SECS` (default 3600): how long a finished run's replay buffer lives.
+    pub event_stream_ttl: Duration,
+    /// `DATABASE_POOL_SIZE` (default 10).
+    pub database_pool_size: u32,
+}
+
+impl CommonConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let redis_prefix = env
+            .get("REDIS_PREFIX")
+            .unwrap_or_else(|| "conveyor".to_owned());
+        if redis_prefix.contains(char::is_whitespace) {
+            return Err(ConfigError::Invalid {
+                var: "REDIS_PREFIX".into(),
+                value: redis_prefix,
+                expected: "a key prefix without spaces".into(),
+            });
+        }
+        Ok(Self {
+            database_url: Secret::new(required(env, "DATABASE_URL")?),
+            redis_url: Secret::new(
+                env.get("REDIS_URL")
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned()),
+            ),
+            redis_prefix,
+            event_stream_ttl: seconds(env, "EVENT_STREAM_TTL_SECS", 3600)?,
+            database_pool_size: parsed(env, "DATABASE_POOL_SIZE", 10, "a positive number")?,
+        })
+    }
+}
+
+/// The API process's configuration.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub common: CommonConfig,
+    /// `API_ADDR` (default `127.0.0.1:8080`).
+    pub addr: SocketAddr,
+    /// `SWEEP_INTERVAL_SECS` (default 5): how often the API re-enqueues runs stuck in `queued`.
+    pub sweep_interval: Duration,
+    /// `SSE_KEEPALIVE_SECS` (default 15).
+    pub sse_keepalive: Duration,
+    /// `MAX_MESSAGE_CHARS` (default 32000).
+    pub max_message_chars: usize,
+}
+
+impl ApiConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            common: CommonConfig::from_env(env)?,
+            addr: parsed(
+                env,
+                "API_ADDR",
+                SocketAddr::from(([127, 0, 0, 1], 8080)),
+                "an address like 127.0.0.1:8080",
+            )?,
+            sweep_interval: seconds(env, "SWEEP_INTERVAL_SECS", 5)?,
+            sse_keepalive: seconds(env, "SSE_KEEPALIVE_SECS", 15)?,
+            max_message_chars: parsed(env, "MAX_MESSAGE_CHARS", 32_000, "a positive number")?,
+        })
+    }
+}
+
+/// The worker process's configuration.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub common: CommonConfig,
+    pub llm: LlmSettings,
+    /// `MCP_SERVERS_FILE`: an `mcpServers` JSON file; unset → the bundled `conveyor-mcp`.
+    pub mcp_servers_file: Option<PathBuf>,
+    /// `WORKER_METRICS_ADDR`: where the worker serves `/metrics`; unset → not served.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `AGENT_MAX_TURNS` (default 10): LLM calls per run before it fails.
+    pub max_turns: u32,
+    /// `AGENT_HISTORY_WINDOW` (default 40): stored messages sent to the model.
+    pub history_window: u32,
+    /// `MCP_CALL_TIMEOUT_SECS` (default 30).
+    pub mcp_call_timeout: Duration,
+    /// `DELTA_COALESCE_MS` (default 5): text deltas are merged over this window.
+    pub delta_coalesce: Duration,
+}
+
+impl WorkerConfig {
+    pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let metrics_addr = match env.get("WORKER_METRICS_ADDR") {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| ConfigError::Invalid {
+                var: "WORKER_METRICS_ADDR".into(),
+                value: v,
+                expected: "an address like 127.0.0.1:9091".into(),
+            })?),
+        };
+        let max_turns = parsed(env, "AGENT_MAX_TURNS", 10, "a number from 1 to 100")?;
+        if !(1..=100).contains(&max_turns) {
+            return Err(ConfigError::Invalid {
+                var: "AGENT_MAX_TURNS".into(),
+                value: max_turns.to_string(),
+                expected: "a number from 1 to 100".into(),
+            });
+        }
+        Ok(Self {
+            common: CommonConfig::from_env(env)?,
+            llm: LlmSettings::from_env(env)?,
+            mcp_servers_file: env.get("MCP_SERVERS_FILE").map(PathBuf::from),
+            metrics_addr,
+            max_turns,
+            history_window: parsed(env, "AGENT_HISTORY_WINDOW", 40, "a positive number")?,
+            mcp_call_timeout: seconds(env, "MCP_CALL_TIMEOUT_SECS", 30)?,
+            delta_coalesce: millis(env, "DELTA_COALESCE_MS", 5)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&'static str, &'static str)]) -> HashMap<&'static str, &'static str> {
+        pairs.iter().copied().collect()
+    }
+
+    #[test]
+    fn api_config_has_documented_defaults() {
+        let config = ApiConfig::from_env(&env(&[("DATABASE_URL", "postgres://x/y")])).unwrap();
+        assert_eq!(config.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.common.redis_prefix, "conveyor");
+        assert_eq!(config.common.event_stream_ttl, Duration::from_hours(1));
+        assert_eq!(config.sse_keepalive, Duration::from_secs(15));
+    }
+
+    #[test]
+    fn missing_database_url_names_the_variable() {
+        let err = ApiConfig::from_env(&env(&[])).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_and_what_is_accepted() {
+        let err = ApiConfig::from_env(&env(&[("DATABASE_URL", "x"), ("API_ADDR", "nowhere")]))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("API_ADDR") && text.contains("127.0.0.1:8080"),
+            "{text}"
+        );
+
+        let err = ApiConfig::from_env(&env(&[
+            ("DATABASE_URL", "x"),
+            ("EVENT_STREAM_TTL_SECS", "-1"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("EVENT_STREAM_TTL_SECS"), "{err}");
+    }
+
+    #[test]
+    fn worker_config_rejects_out_of_range_turns() {
+        let err = WorkerConfig::from_env(&env(&[
+            ("DATABASE_URL", "x"),
+            ("LLM_PROVIDER", "ollama"),
+            ("AGENT_MAX_TURNS", "0"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("AGENT_MAX_TURNS"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_redacted_in_debug_output() {
+        let config =
+            ApiConfig::from_env(&env(&[("DATABASE_URL", "postgres://user:hunter2@db/x")])).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,279 @@
+//! Appending events to a run's replay buffer and publishing them, atomically.
+//!
+//! One Lua call per event assigns the run's next sequence number, appends the event to the
+//! run's Stream under the id `{seq}-1` (so a replay "after seq N" is a plain `XRANGE`), and
+//! publishes it. Doing the three in one script keeps the Stream and the live channel in the
+//! same order, and costs one round trip.
+
+use std::time::Duration;
+
+use redis::{AsyncCommands, aio::ConnectionManager};
+
+use super::types::{EventKind, RunEvent, StoredEvent};
+use crate::ids::{RunId, Seq};
+
+/// How long a live run's buffer is kept before its end (a safety net for runs that never end).
+const LIVE_TTL: Duration = Duration::from_hours(24);
+
+/// A Redis failure of the event bus.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event bus: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("event bus: malformed stored event: {0}")]
+    Malformed(String),
+}
+
+const PUBLISH_SCRIPT: &str = r"
+local mode = ARGV[1]
+local ttl = tonumber(ARGV[7])
+local seq
+if mode == 'at' then
+  seq = tonumber(ARGV[2])
+else
+  local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local floor = tonumber(ARGV[2])
+  if cur < floor then cur = floor end
+  if mode == 'reserve' then
+    local n = tonumber(ARGV[3])
+    redis.call('SET', KEYS[1], cur + n, 'EX', ttl)
+    return cur + 1
+  end
+  seq = cur + 1
+  redis.call('SET', KEYS[1], seq, 'EX', ttl)
+end
+redis.call('XADD', KEYS[2], seq .. '-1', 'k', ARGV[3], 'd', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('PUBLISH', ARGV[6], ARGV[5] .. ' ' .. seq .. ' ' .. ARGV[3] .. ' ' .. ARGV[4])
+return seq
+";
+
+/// The writer and replay side of the event bus. Cheap to clone.
+#[derive(Clone)]
+pub struct EventBus {
+    conn: ConnectionManager,
+    prefix: String,
+    finished_ttl: Duration,
+    script: redis::Script,
+}
+
+impl std::fmt::Debug for EventBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventBus")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+enum Mode {
+    /// The next seq, at least `floor + 1`.
+    Next { floor: Seq },
+    /// A seq reserved earlier.
+    At(Seq),
+}
+
+impl EventBus {
+    /// Connects; the connection manager reconnects by itself after a Redis restart.
+    pub async fn connect(
+        redis_url: &str,
+        prefix: &str,
+        finished_ttl: Duration,
+    ) -> Result<Self, EventError> {
+        let client = redis::Client::open(redis_url)?;
+        let conn = client.get_connection_manager().await?;
+        Ok(Self {
+            conn,
+            prefix: prefix.to_owned(),
+            finished_ttl,
+            script: redis::Script::new(PUBLISH_SCRIPT),
+        })
+    }
+
+    /// The pub/sub channel every event is published on.
+    pub fn channel(&self) -> String {
+        channel_name(&self.prefix)
+    }
+
+    fn counter_key(&self, run_id: &RunId) -> String {
+        format!("{}:run:{run_id}:seq", self.prefix)
+    }
+
+    fn stream_key(&self, run_id: &RunId) -> String {
+        format!("{}:run:{run_id}:events", self.prefix)
+    }
+
+    /// Appends and publishes `event` with the run's next seq (never below `floor + 1`: a
+    /// worker passes the highest seq Postgres knows, so a Redis that lost the counter cannot
+    /// hand out a seq twice). Returns the seq.
+    pub async fn publish(
+        &self,
+        run_id: &RunId,
+        event: &RunEvent,
+        floor: Seq,
+    ) -> Result<Seq, EventError> {
+        self.invoke(
+            run_id,
+            Mode::Next { floor },
+            event.kind(),
+            &event.data_json(),
+        )
+        .await
+    }
+
+    /// Publishes `event` at a seq obtained from [`Self::reserve`].
+    pub async fn publish_at(
+        &self,
+        run_id: &RunId,
+        seq: Seq,
+        event: &RunEvent,
+    ) -> Result<(), EventError> {
+        self.invoke(run_id, Mode::At(seq), event.kind(), &event.data_json())
+            .await?;
+        Ok(())
+    }
+
+    /// Reserves `n` consecutive seqs and returns the first. Used for the events that are
+    /// committed to Postgres before they are published (the final answer and status).
+    pub async fn reserve(&self, run_id: &RunId, n: u32, floor: Seq) -> Result<Seq, EventError> {
+        let seq: Seq = self
+            .script
+            .key(self.counter_key(run_id))
+            .key(self.stream_key(run_id))
+            .arg("reserve")
+            .arg(floor)
+            .arg(n)
+            .arg("")
+            .arg("")
+            .arg("")
+            .arg(LIVE_TTL.as_secs())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(seq)
+    }
+
+    async fn invoke(
+        &self,
+        run_id: &RunId,
+        mode: Mode,
+        kind: EventKind,
+        data: &str,
+    ) -> Result<Seq, EventError> {
+        let (mode, number) = match mode {
+            Mode::Next { floor } => ("next", floor),
+            Mode::At(seq) => ("at", seq),
+        };
+        let ttl = if kind.is_terminal() {
+            self.finished_ttl
+        } else {
+            LIVE_TTL
+        };
+        let seq: Seq = self
+            .script
+            .key(self.counter_key(run_id))
+            .key(self.stream_key(run_id))
+            .arg(mode)
+            .arg(number)
+            .arg(kind.as_str())
+            .arg(data)
+            .arg(run_id.as_str())
+            .arg(self.channel())
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(seq)
+    }
+
+    /// The run's buffered events after `after` (exclusive), or `None` when the run has no
+    /// buffer (never published, or expired).
+    pub async fn read_after(
+        &self,
+        run_id: &RunId,
+        after: Seq,
+    ) -> Result<Option<Vec<StoredEvent>>, EventError> {
+        let key = self.stream_key(run_id);
+        let mut conn = self.conn.clone();
+        let mut events = Vec::new();
+        let mut start = format!("{}-0", after + 1);
+        loop {
+            let page: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+                .arg(&key)
+                .arg(&start)
+                .arg("+")
+                .arg("COUNT")
+                .arg(500)
+                .query_async(&mut conn)
+                .await?;
+            let full = page.len() == 500;
+            for (id, fields) in page {
+                let event = parse_entry(&id, &fields)?;
+                start = format!("{}-2", event.seq);
+                events.push(event);
+            }
+            if !full {
+                break;
+            }
+        }
+        if events.is_empty() {
+            let exists: bool = conn.exists(&key).await?;
+            if !exists {
+                return Ok(None);
+            }
+        }
+        Ok(Some(events))
+    }
+
+    /// Whether Redis answers.
+    pub async fn ping(&self) -> Result<(), EventError> {
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+/// The channel name for a key prefix.
+pub fn channel_name(prefix: &str) -> String {
+    format!("{prefix}:events")
+}
+
+fn parse_entry(id: &str, fields: &[String]) -> Result<StoredEvent, EventError> {
+    let seq = id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse().ok())
+        .ok_or_else(|| EventError::Malformed(format!("stream id {id}")))?;
+    let mut kind = None;
+    let mut data = None;
+    for pair in fields.chunks_exact(2) {
+        match pair[0].as_str() {
+            "k" => kind = pair[1].parse::<EventKind>().ok(),
+            "d" => data = Some(pair[1].as_str()),
+            _ => {}
+        }
+    }
+    match (kind, data) {
+        (Some(kind), Some(data)) => Ok(StoredEvent {
+            seq,
+            kind,
+            data: data.into(),
+        }),
+        _ => Err(EventError::Malformed(format!("entry {id}"))),
+    }
+}
+
+/// Parses a published message: `{run_id} {seq} {kind} {data}`.
+pub(crate) fn parse_published(payload: &str) -> Option<(&str, StoredEvent)> {
+    let mut parts = payload.splitn(4, ' ');
+    let run_id = parts.next()?;
+    let seq = parts.next()?.parse().ok()?;
+    let kind = parts.next()?.parse().ok()?;
+    let data = parts.next()?;
+    Some((
+        run_id,
+        StoredEvent {
+            seq,
+            kind,
+            data: data.into(),
+        },
+    ))
+}

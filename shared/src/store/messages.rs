@@ -1,0 +1,130 @@
+//! `messages`: a conversation's history, in order.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::ids::{ConversationId, UserId};
+
+/// A stored message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub id: String,
+    pub seq: i64,
+    pub role: String,
+    pub content: String,
+    pub tool_calls: Value,
+    pub tool_call_id: Option<String>,
+    pub run_id: Option<String>,
+    pub status: Option<String>,
+    pub created_at: DateTime<Utc>,
+    /// When the message's run was queued (its place in the conversation).
+    pub run_queued_at: Option<DateTime<Utc>>,
+}
+
+/// A message to insert.
+#[derive(Debug, Clone)]
+pub struct NewMessage<'a> {
+    pub id: &'a str,
+    pub conversation_id: &'a str,
+    pub user_id: &'a str,
+    pub run_id: &'a str,
+    pub role: &'a str,
+    pub content: &'a str,
+    pub tool_calls: Value,
+    pub tool_call_id: Option<&'a str>,
+    pub status: Option<&'a str>,
+}
+
+pub async fn insert(conn: &mut PgConnection, m: NewMessage<'_>) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content, tool_calls, tool_call_id, status)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"#,
+        m.id,
+        m.conversation_id,
+        m.user_id,
+        m.run_id,
+        m.role,
+        m.content,
+        m.tool_calls,
+        m.tool_call_id,
+        m.status
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// A position in a conversation's history. Messages are ordered by their run's place in the
+/// conversation, then by insertion: a turn enqueued behind a running one stores its user
+/// message early, but it belongs after the earlier run's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryCursor {
+    pub run_queued_at: DateTime<Utc>,
+    pub run_id: String,
+    pub seq: i64,
+}
+
+impl Message {
+    /// This message's position, for the next page's cursor.
+    pub fn cursor(&self) -> Option<HistoryCursor> {
+        Some(HistoryCursor {
+            run_queued_at: self.run_queued_at?,
+            run_id: self.run_id.clone()?,
+            seq: self.seq,
+        })
+    }
+}
+
+/// What the model sees of the conversation when it answers `run_id`: the last `window`
+/// messages of this run and the runs before it, oldest first.
+pub async fn history_for_run(
+    conn: impl PgExecutor<'_>,
+    conversation_id: &str,
+    run_id: &str,
+    window: i64,
+) -> sqlx::Result<Vec<Message>> {
+    let mut rows = sqlx::query_as!(
+        Message,
+        r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                  m.created_at, r.queued_at AS "run_queued_at?"
+           FROM messages m JOIN runs r ON r.id = m.run_id
+           WHERE m.conversation_id = $1
+             AND (r.queued_at, r.id) <= (SELECT queued_at, id FROM runs WHERE id = $2)
+           ORDER BY r.queued_at DESC, r.id DESC, m.seq DESC LIMIT $3"#,
+        conversation_id,
+        run_id,
+        window
+    )
+    .fetch_all(conn)
+    .await?;
+    rows.reverse();
+    Ok(rows)
+}
+
+/// A page of the user's conversation history in order, after `cursor`.
+pub async fn list(
+    conn: impl PgExecutor<'_>,
+    user: &UserId,
+    conversation_id: &ConversationId,
+    limit: i64,
+    cursor: Option<&HistoryCursor>,
+) -> sqlx::Result<Vec<Message>> {
+    sqlx::query_as!(
+        Message,
+        r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                  m.created_at, r.queued_at AS "run_queued_at?"
+           FROM messages m JOIN runs r ON r.id = m.run_id
+           WHERE m.conversation_id = $1 AND m.user_id = $2
+             AND ($3::timestamptz IS NULL OR (r.queued_at, r.id, m.seq) > ($3, $4::text, $5::bigint))
+           ORDER BY r.queued_at, r.id, m.seq LIMIT $6"#,
+        conversation_id.as_str(),
+        user.as_str(),
+        cursor.map(|c| c.run_queued_at),
+        cursor.map(|c| c.run_id.as_str()),
+        cursor.map(|c| c.seq),
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}

@@ -1,0 +1,301 @@
+//! `runs`: one row per chat turn, the source of truth for its status.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgConnection, PgExecutor};
+
+use crate::ids::UserId;
+
+/// A stored run.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub id: String,
+    pub user_id: String,
+    pub conversation_id: String,
+    pub status: String,
+    pub attempt: i32,
+    pub error: Option<Value>,
+    pub batch_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub cancel_requested: bool,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A run to insert (status `queued`).
+#[derive(Debug, Clone)]
+pub struct NewRun<'a> {
+    pub id: &'a str,
+    pub user_id: &'a str,
+    pub conversation_id: &'a str,
+    pub idempotency_key: Option<&'a str>,
+    pub request_hash: Option<&'a str>,
+    pub batch_id: Option<&'a str>,
+    pub custom_id: Option<&'a str>,
+}
+
+pub async fn insert(conn: &mut PgConnection, run: NewRun<'_>) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar!(
+        r#"INSERT INTO runs (id, user_id, conversation_id, status, idempotency_key, request_hash, batch_id, custom_id)
+           VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7) RETURNING queued_at"#,
+        run.id,
+        run.user_id,
+        run.conversation_id,
+        run.idempotency_key,
+        run.request_hash,
+        run.batch_id,
+        run.custom_id
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// The user's run, or `None` when it is not theirs.
+pub async fn get(conn: impl PgExecutor<'_>, user: &UserId, id: &str) -> sqlx::Result<Option<Run>> {
+    sqlx::query_as!(
+        Run,
+        r#"SELECT id, user_id, conversation_id, status, attempt, error, batch_id, idempotency_key,
+                  request_hash, cancel_requested, queued_at, started_at, finished_at
+           FROM runs WHERE id = $1 AND user_id = $2"#,
+        id,
+        user.as_str()
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Any run by id: for the worker, which acts for whichever user the run belongs to.
+pub async fn get_unscoped(conn: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Run>> {
+    sqlx::query_as!(
+        Run,
+        r#"SELECT id, user_id, conversation_id, status, attempt, error, batch_id, idempotency_key,
+                  request_hash, cancel_requested, queued_at, started_at, finished_at
+           FROM runs WHERE id = $1"#,
+        id
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+pub async fn by_idempotency_key(
+    conn: impl PgExecutor<'_>,
+    user: &UserId,
+    key: &str,
+) -> sqlx::Result<Option<Run>> {
+    sqlx::query_as!(
+        Run,
+        r#"SELECT id, user_id, conversation_id, status, attempt, error, batch_id, idempotency_key,
+                  request_hash, cancel_requested, queued_at, started_at, finished_at
+           FROM runs WHERE user_id = $1 AND idempotency_key = $2"#,
+        user.as_str(),
+        key
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// The conversation's oldest unfinished run, if any.
+pub async fn active_in_conversation(
+    conn: impl PgExecutor<'_>,
+    conversation_id: &str,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar!(
+        r#"SELECT id FROM runs WHERE conversation_id = $1 AND status IN ('queued', 'running')
+           ORDER BY queued_at, id LIMIT 1"#,
+        conversation_id
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Unfinished runs queued ahead of `run_id` in its conversation.
+pub async fn position_in_conversation(
+    conn: impl PgExecutor<'_>,
+    conversation_id: &str,
+    run_id: &str,
+) -> sqlx::Result<i64> {
+    let n = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM runs WHERE conversation_id = $1 AND id < $2
+           AND status IN ('queued', 'running')"#,
+        conversation_id,
+        run_id
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(n)
+}
+
+/// Claims the run for a new attempt by `worker`: a queued run, or a running one whose worker
+/// has been silent for `stale_after_secs` (it died). `None` when the run is not claimable.
+pub async fn start_attempt(
+    conn: impl PgExecutor<'_>,
+    id: &str,
+    worker: &str,
+    stale_after_secs: f64,
+) -> sqlx::Result<Option<i32>> {
+    sqlx::query_scalar!(
+        r#"UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $2,
+                  started_at = COALESCE(started_at, now()), heartbeat_at = now()
+           WHERE id = $1 AND NOT cancel_requested
+             AND (status = 'queued'
+                  OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $3)))
+             -- Runs of one conversation execute in order: not before every earlier one ended.
+             AND NOT EXISTS (
+                 SELECT 1 FROM runs earlier
+                 WHERE earlier.conversation_id = runs.conversation_id
+                   AND (earlier.status = 'running'
+                        OR (earlier.status = 'queued' AND NOT earlier.cancel_requested))
+                   AND (earlier.queued_at, earlier.id) < (runs.queued_at, runs.id))
+           RETURNING attempt"#,
+        id,
+        worker,
+        stale_after_secs
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// The conversation's next run waiting for its turn, with its batch (to pick the queue).
+pub async fn next_in_conversation(
+    conn: impl PgExecutor<'_>,
+    conversation_id: &str,
+) -> sqlx::Result<Option<(String, Option<String>)>> {
+    let row = sqlx::query!(
+        r#"SELECT id, batch_id FROM runs WHERE conversation_id = $1 AND status = 'queued'
+           ORDER BY queued_at, id LIMIT 1"#,
+        conversation_id
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| (r.id, r.batch_id)))
+}
+
+/// Locks the user's run for a status change.
+pub async fn lock_owned(
+    conn: &mut PgConnection,
+    user: &UserId,
+    id: &str,
+) -> sqlx::Result<Option<Run>> {
+    sqlx::query_as!(
+        Run,
+        r#"SELECT id, user_id, conversation_id, status, attempt, error, batch_id, idempotency_key,
+                  request_hash, cancel_requested, queued_at, started_at, finished_at
+           FROM runs WHERE id = $1 AND user_id = $2 FOR UPDATE"#,
+        id,
+        user.as_str()
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Asks every unfinished run of a conversation to stop; returns the ids of those still queued.
+pub async fn cancel_active_in_conversation(
+    conn: impl PgExecutor<'_>,
+    conversation_id: &str,
+) -> sqlx::Result<Vec<String>> {
+    let rows = sqlx::query!(
+        r#"UPDATE runs SET cancel_requested = true
+           WHERE conversation_id = $1 AND status IN ('queued', 'running')
+           RETURNING id, status"#,
+        conversation_id
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|r| r.status == "queued")
+        .map(|r| r.id)
+        .collect())
+}
+
+/// Asks the run's worker to stop it.
+pub async fn request_cancel(conn: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
+    sqlx::query!("UPDATE runs SET cancel_requested = true WHERE id = $1", id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Says the attempt is alive; returns whether a cancel was requested, or `None` when the
+/// attempt is no longer the run's current one.
+pub async fn heartbeat(
+    conn: impl PgExecutor<'_>,
+    id: &str,
+    attempt: i32,
+) -> sqlx::Result<Option<bool>> {
+    sqlx::query_scalar!(
+        r#"UPDATE runs SET heartbeat_at = now() WHERE id = $1 AND attempt = $2 AND status = 'running'
+           RETURNING cancel_requested"#,
+        id,
+        attempt
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// Running runs whose worker has been silent for `stale_after_secs`.
+pub async fn stale_running(
+    conn: impl PgExecutor<'_>,
+    stale_after_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, Option<String>)>> {
+    let rows = sqlx::query!(
+        r#"SELECT id, batch_id FROM runs
+           WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)
+           ORDER BY heartbeat_at LIMIT $2"#,
+        stale_after_secs,
+        limit
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.batch_id)).collect())
+}
+
+/// Locks the run for a final commit and returns its status and attempt.
+pub async fn lock(conn: &mut PgConnection, id: &str) -> sqlx::Result<Option<(String, i32)>> {
+    let row = sqlx::query!(
+        "SELECT status, attempt FROM runs WHERE id = $1 FOR UPDATE",
+        id
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| (r.status, r.attempt)))
+}
+
+/// Ends a run with a terminal status.
+pub async fn finish(
+    conn: &mut PgConnection,
+    id: &str,
+    status: &str,
+    error: Option<&Value>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE runs SET status = $2, error = $3, finished_at = now(), worker = NULL WHERE id = $1",
+        id,
+        status,
+        error
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Runs left `queued` for longer than `older_than_secs` (their job push may have failed).
+pub async fn stale_queued(
+    conn: impl PgExecutor<'_>,
+    older_than_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<(String, Option<String>)>> {
+    let rows = sqlx::query!(
+        r#"SELECT id, batch_id FROM runs
+           WHERE status = 'queued' AND queued_at < now() - make_interval(secs => $1)
+           ORDER BY queued_at LIMIT $2"#,
+        older_than_secs,
+        limit
+    )
+    .fetch_all(conn)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.id, r.batch_id)).collect())
+}

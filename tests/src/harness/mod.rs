@@ -1,0 +1,408 @@
+//! Starts a real Conveyor — API, workers and the fake LLM as separate processes — against
+//! the machine's Postgres and Redis, isolated per test: a fresh database and a fresh Redis key
+//! prefix. Everything is stopped (and the database dropped) when the [`Stack`] is dropped.
+
+mod sse;
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::{Child, Command},
+};
+
+pub use sse::{SseEvent, SseStream, assert_gap_free};
+
+/// Where the machine's services are; `TEST_DATABASE_URL` / `TEST_REDIS_URL` override.
+pub fn admin_database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// The directory holding the workspace's built binaries (next to this test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
+fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins, or run the tests with cargo test --workspace)",
+        path.display()
+    );
+    path
+}
+
+fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr")
+}
+
+/// A fresh database, dropped with the value.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create(prefix: &str) -> anyhow::Result<Self> {
+        let name = format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase());
+        let admin = admin_database_url();
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
+        let base = admin
+            .rsplit_once('/')
+            .map_or(admin.as_str(), |(base, _)| base);
+        Ok(Self {
+            url: format!("{base}/{name}"),
+            name,
+        })
+    }
+
+    pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&self.url)
+            .await?)
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = admin_database_url();
+        // Dropping needs async I/O; a short-lived thread with its own runtime does it even while
+        // the test's runtime is shutting down.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(mut conn) =
+                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await
+                {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// How to start a stack.
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    pub workers: usize,
+    pub worker_concurrency: usize,
+    /// Extra flags for the fake LLM (e.g. `--ttft-ms 50`).
+    pub fake_llm_args: Vec<String>,
+    /// Extra environment for the API and workers.
+    pub env: Vec<(String, String)>,
+    /// Build flavour to run (`debug` unless the caller runs from a release build).
+    pub quiet: bool,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            worker_concurrency: 8,
+            fake_llm_args: Vec::new(),
+            env: Vec::new(),
+            quiet: std::env::var_os("CONVEYOR_TEST_LOGS").is_none(),
+        }
+    }
+}
+
+/// A running Conveyor.
+pub struct Stack {
+    pub db: TestDb,
+    pub redis_prefix: String,
+    pub api_url: String,
+    pub llm_url: String,
+    pub http: reqwest::Client,
+    api: Child,
+    workers: Vec<Child>,
+    fake_llm: Child,
+    options: StackOptions,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        let db = TestDb::create("conveyor_e2e").await?;
+        let redis_prefix = format!("test:{}", ulid::Ulid::new().to_string().to_lowercase());
+
+        let mut fake = Command::new(binary("fake-llm"));
+        fake.args(["--addr", "127.0.0.1:0"])
+            .args(&options.fake_llm_args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        if options.quiet {
+            fake.stderr(Stdio::null());
+        }
+        let mut fake_llm = fake.spawn().context("spawn fake-llm")?;
+        let stdout = fake_llm.stdout.take().context("fake-llm stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .context("fake-llm did not start")??
+            .unwrap_or_default();
+        let llm_addr = first
+            .strip_prefix("listening on ")
+            .context("fake-llm's first line")?
+            .trim()
+            .to_owned();
+        let llm_url = format!("http://{llm_addr}/v1");
+
+        let api_addr = free_addr();
+        let mut stack = Self {
+            api: spawn_api(&options, &db, &redis_prefix, api_addr)?,
+            workers: Vec::new(),
+            fake_llm,
+            db,
+            redis_prefix,
+            api_url: format!("http://{api_addr}"),
+            llm_url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_mins(1))
+                .build()?,
+            options,
+        };
+        stack.wait_healthy().await?;
+        for _ in 0..stack.options.workers {
+            stack.add_worker()?;
+        }
+        Ok(stack)
+    }
+
+    fn common_env(&self, cmd: &mut Command) {
+        common_env(cmd, &self.options, &self.db, &self.redis_prefix);
+    }
+
+    /// Starts one more worker process.
+    pub fn add_worker(&mut self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(binary("conveyor-worker"));
+        self.common_env(&mut cmd);
+        cmd.args([
+            "--concurrency",
+            &self.options.worker_concurrency.to_string(),
+        ])
+        .env("LLM_PROVIDER", "openai-compatible")
+        .env("LLM_BASE_URL", &self.llm_url)
+        .env("LLM_MODEL", "fake")
+        .env("LLM_API_KEY", "test-key");
+        self.workers
+            .push(cmd.spawn().context("spawn conveyor-worker")?);
+        Ok(())
+    }
+
+    /// The API process's id, for reading its memory and CPU time from `/proc` (benchmarks).
+    pub fn api_pid(&self) -> Option<u32> {
+        self.api.id()
+    }
+
+    /// The worker processes' ids (those still running).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        self.workers.iter().filter_map(Child::id).collect()
+    }
+
+    /// The fake LLM process's id.
+    pub fn fake_llm_pid(&self) -> Option<u32> {
+        self.fake_llm.id()
+    }
+
+    /// Kills a worker with SIGKILL (no cleanup).
+    pub async fn kill_worker(&mut self, index: usize) -> anyhow::Result<()> {
+        self.workers[index].kill().await?;
+        Ok(())
+    }
+
+    /// Kills (SIGKILL) the worker process whose pid is `pid`; `false` if none has it.
+    pub async fn kill_worker_with_pid(&mut self, pid: u32) -> anyhow::Result<bool> {
+        for worker in &mut self.workers {
+            if worker.id() == Some(pid) {
+                worker.kill().await?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The pid of the worker holding `run_id` (worker names are `host:pid:random`).
+    pub async fn holder_pid(&self, run_id: &str) -> anyhow::Result<Option<u32>> {
+        let db = self.db.pool().await?;
+        let worker: Option<String> = sqlx::query_scalar("SELECT worker FROM runs WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&db)
+            .await?;
+        Ok(worker.and_then(|w| w.split(':').nth(1).and_then(|pid| pid.parse().ok())))
+    }
+
+    async fn wait_healthy(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(response) = self
+                .http
+                .get(format!("{}/readyz", self.api_url))
+                .send()
+                .await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the API did not become ready");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.api_url)
+    }
+
+    /// `POST /api/{user}/chat` in JSON mode; returns the status and body.
+    pub async fn post_chat(&self, user: &str, body: Value) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(self.url(&format!("/api/{user}/chat")))
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Opens an SSE stream with an optional `Last-Event-ID`.
+    pub async fn open_sse(
+        &self,
+        path: &str,
+        last_event_id: Option<u64>,
+    ) -> anyhow::Result<SseStream> {
+        let mut request = self
+            .http
+            .get(self.url(path))
+            .header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        SseStream::open(request).await
+    }
+
+    /// Reads a run's whole event stream from the start.
+    pub async fn run_events(&self, user: &str, run_id: &str) -> anyhow::Result<Vec<SseEvent>> {
+        let mut stream = self
+            .open_sse(&format!("/api/{user}/runs/{run_id}/events"), None)
+            .await?;
+        stream.collect_until_terminal(Duration::from_secs(30)).await
+    }
+
+    pub async fn get_json(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self.http.get(self.url(path)).send().await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+}
+
+fn common_env(cmd: &mut Command, options: &StackOptions, db: &TestDb, redis_prefix: &str) {
+    cmd.env("DATABASE_URL", &db.url)
+        .env("REDIS_URL", redis_url())
+        .env("REDIS_PREFIX", redis_prefix)
+        .env(
+            "RUST_LOG",
+            std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
+        )
+        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    if options.quiet {
+        cmd.stderr(Stdio::null());
+    }
+}
+
+fn spawn_api(
+    options: &StackOptions,
+    db: &TestDb,
+    redis_prefix: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<Child> {
+    let mut cmd = Command::new(binary("conveyor-api"));
+    common_env(&mut cmd, options, db, redis_prefix);
+    cmd.env("API_ADDR", addr.to_string());
+    cmd.spawn().context("spawn conveyor-api")
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for child in self
+            .workers
+            .iter_mut()
+            .chain([&mut self.api, &mut self.fake_llm])
+        {
+            let _ = child.start_kill();
+        }
+        // Remove the test's Redis keys.
+        let pattern = format!("{}:*", self.redis_prefix);
+        let _ = std::thread::spawn(move || {
+            let Ok(client) = redis::Client::open(redis_url()) else {
+                return;
+            };
+            let Ok(mut conn) = client.get_connection() else {
+                return;
+            };
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(&pattern)
+                .query(&mut conn)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+            }
+        })
+        .join();
+    }
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

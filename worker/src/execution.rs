@@ -1,0 +1,366 @@
+//! Executing one run job: claim the run, run the agent, commit the outcome.
+//!
+//! Jobs arrive at least once, so everything here is idempotent: a finished run is acknowledged
+//! untouched; each attempt bumps the run's `attempt`, and the final commit only lands if the
+//! attempt is still the current one — a stale worker cannot overwrite a newer attempt.
+
+use std::time::Duration;
+
+use conveyor_shared::{
+    domain::ErrorBody,
+    events::{EventBus, EventError, RunEvent, StoredEvent},
+    ids::{MessageId, RunId},
+    queue::{JobError, JobProducer, QueueName, RunJob},
+    run_control,
+    store::{conversations, messages, run_events, runs},
+};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, AgentOutput, Emitter, LlmError, RunScope, TurnError, history_messages};
+
+/// Attempts a run gets before a transient failure becomes final.
+pub const MAX_RUN_ATTEMPTS: i32 = 5;
+/// How often a running attempt says it is alive (and checks for a cancel request).
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A running run whose heartbeat is older than this may be taken over by another worker.
+const CLAIM_STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// Executes run jobs; shared by all of a worker's consumers.
+#[derive(Clone, Debug)]
+pub struct RunExecutor {
+    pub agent: Agent,
+    pub db: PgPool,
+    pub bus: EventBus,
+    pub producer: JobProducer,
+    pub worker_name: String,
+    pub history_window: i64,
+    pub delta_coalesce: Duration,
+}
+
+/// How an attempt ended.
+enum Outcome {
+    Completed(AgentOutput),
+    Failed(AgentOutput, ErrorBody),
+    Cancelled(AgentOutput),
+}
+
+impl RunExecutor {
+    /// The job handler.
+    pub async fn handle(&self, job: RunJob) -> Result<(), JobError> {
+        let Ok(run_id) = RunId::parse(&job.run_id) else {
+            return Err(JobError::Abort(format!(
+                "malformed run id {:?}",
+                job.run_id
+            )));
+        };
+        self.execute(&run_id).await.map_err(|error| {
+            tracing::warn!(run_id = %run_id, %error, "run attempt failed; it will be retried");
+            JobError::Retry(error.to_string())
+        })
+    }
+
+    async fn execute(&self, run_id: &RunId) -> Result<(), ExecError> {
+        let Some(run) = runs::get_unscoped(&self.db, run_id.as_str()).await? else {
+            tracing::info!(run_id = %run_id, "job for a deleted run; acknowledged");
+            return Ok(());
+        };
+        if run.status != "queued" && run.status != "running" {
+            return Ok(());
+        }
+        let Some(attempt) = runs::start_attempt(
+            &self.db,
+            run_id.as_str(),
+            &self.worker_name,
+            CLAIM_STALE_AFTER.as_secs_f64(),
+        )
+        .await?
+        else {
+            if run.status == "running" {
+                // Another worker holds it (a duplicate job). Come back later: if that worker
+                // dies, its heartbeat goes stale and this job takes the run over.
+                return Err(ExecError::Transient(
+                    "the run is held by another worker".to_owned(),
+                ));
+            }
+            return Ok(());
+        };
+        let floor = run_events::max_seq(&self.db, run_id.as_str()).await?;
+        let mut emitter =
+            Emitter::new(self.bus.clone(), run_id.clone(), floor, self.delta_coalesce);
+        if run.status == "running" {
+            // Taking over from a worker that died mid-run: clients drop its partial answer.
+            let takeover = RunEvent::Retrying {
+                attempt: attempt - 1,
+                reason: "the worker running this turn stopped; resuming it".to_owned(),
+                retry_in_ms: 0,
+            };
+            emitter.emit(&takeover).await?;
+        }
+        emitter
+            .emit(&RunEvent::Started {
+                attempt,
+                worker: self.worker_name.clone(),
+            })
+            .await?;
+
+        let history = messages::history_for_run(
+            &self.db,
+            &run.conversation_id,
+            run_id.as_str(),
+            self.history_window,
+        )
+        .await?;
+        let scope = RunScope {
+            run_id: run_id.as_str(),
+            user_id: &run.user_id,
+            conversation_id: &run.conversation_id,
+            attempt,
+        };
+        let cancel = CancellationToken::new();
+        let mut output = AgentOutput::default();
+        let result = tokio::select! {
+            result = self.agent.run(scope, history_messages(&history), &mut emitter, &cancel, &mut output) => result,
+            stale = self.heartbeat(run_id, attempt, &cancel) => return stale,
+        };
+        let outcome = match result {
+            Ok(()) => Outcome::Completed(output),
+            Err(TurnError::Llm(LlmError::Cancelled)) => {
+                output.text = emitter.current_text().to_owned();
+                Outcome::Cancelled(output)
+            }
+            Err(TurnError::Llm(LlmError::Permanent { code, message })) => {
+                Outcome::Failed(output, ErrorBody::new(code, message))
+            }
+            Err(TurnError::MaxTurns(n)) => Outcome::Failed(
+                output,
+                ErrorBody::new(
+                    "max_turns_exceeded",
+                    format!("the model asked for tools {n} times without answering"),
+                ),
+            ),
+            Err(TurnError::Llm(LlmError::Transient { reason, .. }))
+                if attempt >= MAX_RUN_ATTEMPTS =>
+            {
+                Outcome::Failed(
+                    output,
+                    ErrorBody::new(
+                        "llm_unavailable",
+                        format!("the model provider kept failing: {reason}"),
+                    ),
+                )
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                let retry = RunEvent::Retrying {
+                    attempt,
+                    reason: reason.clone(),
+                    retry_in_ms: u64::try_from(attempt).unwrap_or(1) * 1000,
+                };
+                // Best effort: the client learns the partial answer is void; the next attempt
+                // starts over either way.
+                let _ = emitter.emit(&retry).await;
+                return Err(ExecError::Transient(reason));
+            }
+        };
+        self.commit(&run, attempt, &mut emitter, outcome).await
+    }
+
+    /// Keeps the run's heartbeat fresh while the attempt runs and turns a requested cancel
+    /// into `cancel`. Returns only if the attempt was superseded (then its work is dropped).
+    async fn heartbeat(
+        &self,
+        run_id: &RunId,
+        attempt: i32,
+        cancel: &CancellationToken,
+    ) -> Result<(), ExecError> {
+        loop {
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+            match runs::heartbeat(&self.db, run_id.as_str(), attempt).await {
+                Ok(Some(true)) => cancel.cancel(),
+                Ok(Some(false)) => {}
+                Ok(None) => {
+                    tracing::info!(run_id = %run_id, attempt, "attempt superseded; stopping it");
+                    return Ok(());
+                }
+                Err(error) => tracing::warn!(run_id = %run_id, %error, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Commits messages, durable events and the final status in one transaction guarded by
+    /// `attempt`, then publishes the terminal events.
+    async fn commit(
+        &self,
+        run: &runs::Run,
+        attempt: i32,
+        emitter: &mut Emitter,
+        outcome: Outcome,
+    ) -> Result<(), ExecError> {
+        let run_id = emitter.run_id().clone();
+        let (output, status) = match &outcome {
+            Outcome::Completed(o) => (o, "completed"),
+            Outcome::Failed(o, _) => (o, "failed"),
+            Outcome::Cancelled(o) => (o, "cancelled"),
+        };
+        let message_id = MessageId::new();
+        let mut terminal: Vec<RunEvent> = Vec::with_capacity(2);
+        let final_text_status = match &outcome {
+            Outcome::Completed(o) => {
+                terminal.push(RunEvent::MessageCompleted {
+                    message_id: message_id.clone(),
+                    text: o.text.clone(),
+                });
+                terminal.push(RunEvent::Completed {
+                    message_id: message_id.clone(),
+                });
+                Some("completed")
+            }
+            Outcome::Failed(_, error) => {
+                terminal.push(RunEvent::Failed {
+                    error: error.clone(),
+                });
+                None
+            }
+            Outcome::Cancelled(o) => {
+                terminal.push(RunEvent::Cancelled);
+                (!o.text.is_empty()).then_some("cancelled")
+            }
+        };
+        emitter.flush().await?;
+        let count = u32::try_from(terminal.len()).unwrap_or(2);
+        let first = self.bus.reserve(&run_id, count, emitter.last_seq()).await?;
+        let terminal: Vec<(u64, RunEvent)> = terminal
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| (first + i as u64, e))
+            .collect();
+
+        let mut tx = self.db.begin().await?;
+        match runs::lock(&mut tx, run_id.as_str()).await? {
+            Some((current, current_attempt))
+                if current_attempt == attempt && current == "running" => {}
+            _ => {
+                tracing::info!(run_id = %run_id, attempt, "stale attempt; its result is dropped");
+                return Ok(());
+            }
+        }
+        let base = messages::NewMessage {
+            id: "",
+            conversation_id: &run.conversation_id,
+            user_id: &run.user_id,
+            run_id: run_id.as_str(),
+            role: "assistant",
+            content: "",
+            tool_calls: json!([]),
+            tool_call_id: None,
+            status: Some("completed"),
+        };
+        for step in &output.steps {
+            let calls: Vec<Value> = step
+                .calls
+                .iter()
+                .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+                .collect();
+            let id = MessageId::new();
+            messages::insert(
+                &mut tx,
+                messages::NewMessage {
+                    id: id.as_str(),
+                    content: &step.text,
+                    tool_calls: Value::Array(calls),
+                    ..base.clone()
+                },
+            )
+            .await?;
+            for call in &step.calls {
+                let id = MessageId::new();
+                messages::insert(
+                    &mut tx,
+                    messages::NewMessage {
+                        id: id.as_str(),
+                        role: "tool",
+                        content: &call.outcome.text,
+                        tool_call_id: Some(&call.id),
+                        status: None,
+                        ..base.clone()
+                    },
+                )
+                .await?;
+            }
+        }
+        if let Some(text_status) = final_text_status {
+            messages::insert(
+                &mut tx,
+                messages::NewMessage {
+                    id: message_id.as_str(),
+                    content: &output.text,
+                    status: Some(text_status),
+                    ..base.clone()
+                },
+            )
+            .await?;
+        }
+        let mut durable: Vec<StoredEvent> = emitter.durable().to_vec();
+        durable.extend(terminal.iter().map(|(seq, e)| StoredEvent {
+            seq: *seq,
+            kind: e.kind(),
+            data: e.data_json().into(),
+        }));
+        run_events::insert_many(&mut tx, run_id.as_str(), &durable).await?;
+        let error = match &outcome {
+            Outcome::Failed(_, error) => Some(serde_json::to_value(error).unwrap_or_default()),
+            _ => None,
+        };
+        runs::finish(&mut tx, run_id.as_str(), status, error.as_ref()).await?;
+        conversations::touch(&mut *tx, &run.conversation_id).await?;
+        tx.commit().await?;
+
+        for (seq, event) in &terminal {
+            self.bus.publish_at(&run_id, *seq, event).await?;
+        }
+        tracing::info!(run_id = %run_id, attempt, status, "run finished");
+        self.enqueue_next(&run.conversation_id).await;
+        Ok(())
+    }
+
+    /// Pushes the conversation's next queued run, which waited for this one to end. A failure
+    /// only delays it: the API's sweeper pushes runs left queued.
+    async fn enqueue_next(&self, conversation_id: &str) {
+        let next = match runs::next_in_conversation(&self.db, conversation_id).await {
+            Ok(Some(next)) => next,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(conversation_id, %error, "cannot look up the next run");
+                return;
+            }
+        };
+        let (run_id, batch_id) = next;
+        let queue = if batch_id.is_some() {
+            QueueName::Batch
+        } else {
+            QueueName::Chat
+        };
+        if let Err(error) = self
+            .producer
+            .push(queue, RunJob::new(run_id.as_str()))
+            .await
+        {
+            tracing::warn!(run_id, %error, "cannot enqueue the next run of the conversation");
+        }
+    }
+}
+
+/// Why an attempt must be retried.
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error(transparent)]
+    Events(#[from] EventError),
+    #[error(transparent)]
+    Control(#[from] run_control::ControlError),
+    #[error("{0}")]
+    Transient(String),
+}

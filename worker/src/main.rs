@@ -1,0 +1,43 @@
+//! `conveyor-worker`: parse flags and config, then run the worker until SIGTERM/ctrl-c.
+
+use clap::Parser;
+use conveyor_shared::{
+    config::{ProcessEnv, WorkerConfig},
+    queue::QueueName,
+};
+use conveyor_worker::WorkerOptions;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Runs Conveyor chat turns from the queue")]
+struct Args {
+    /// Queues to consume, comma-separated: chat, batch.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chat,batch",
+        env = "WORKER_QUEUES"
+    )]
+    queues: Vec<QueueName>,
+    /// Runs executed at once by this process.
+    #[arg(long, default_value_t = 16, env = "WORKER_CONCURRENCY")]
+    concurrency: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    conveyor_shared::telemetry::init_tracing();
+    let args = Args::parse();
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let config = WorkerConfig::from_env(&ProcessEnv::load())?;
+    let shutdown = conveyor_shared::shutdown::on_signal();
+    conveyor_worker::run(
+        config,
+        WorkerOptions {
+            queues: args.queues,
+            concurrency: args.concurrency,
+        },
+        shutdown,
+    )
+    .await?;
+    Ok(())
+}
