@@ -9,7 +9,7 @@ use axum::{
 use conveyor_shared::ids::{ConversationId, RunId, Seq, UserId};
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::{error::ApiError, state::AppState};
 
 /// A JSON body: malformed JSON → 400, a well-formed body with a bad field → 422 naming it,
 /// a body over the limit → 413.
@@ -89,6 +89,18 @@ fn parse_user(params: &RawPathParams) -> Result<UserId, ApiError> {
     })
 }
 
+/// The path's user, once the request's token is shown to be theirs.
+async fn authorized_user(
+    params: &RawPathParams,
+    parts: &Parts,
+    state: &AppState,
+) -> Result<UserId, ApiError> {
+    let user = parse_user(params)?;
+    state.auth.authorize(&parts.headers, &user).await?;
+    state.limits.check_rate(&user).await?;
+    Ok(user)
+}
+
 fn parse_path_id<T>(
     params: &RawPathParams,
     name: &str,
@@ -104,10 +116,11 @@ fn parse_path_id<T>(
 #[derive(Debug)]
 pub struct UserPath(pub UserId);
 
-impl<S: Send + Sync> FromRequestParts<S> for UserPath {
+impl FromRequestParts<AppState> for UserPath {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        Ok(Self(parse_user(&raw_params(parts, state).await?)?))
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = raw_params(parts, state).await?;
+        Ok(Self(authorized_user(&params, parts, state).await?))
     }
 }
 
@@ -118,12 +131,12 @@ pub struct RunPath {
     pub run_id: RunId,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for RunPath {
+impl FromRequestParts<AppState> for RunPath {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let params = raw_params(parts, state).await?;
         Ok(Self {
-            user: parse_user(&params)?,
+            user: authorized_user(&params, parts, state).await?,
             run_id: parse_path_id(&params, "run_id", RunId::parse)?,
         })
     }
@@ -136,12 +149,12 @@ pub struct ConversationPath {
     pub conversation_id: ConversationId,
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for ConversationPath {
+impl FromRequestParts<AppState> for ConversationPath {
     type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let params = raw_params(parts, state).await?;
         Ok(Self {
-            user: parse_user(&params)?,
+            user: authorized_user(&params, parts, state).await?,
             conversation_id: parse_path_id(&params, "conversation_id", ConversationId::parse)?,
         })
     }

@@ -2,8 +2,10 @@
 //! enqueued), serve runs and conversations, and relay run events over SSE from the process's
 //! single Redis subscription.
 
+pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod limits;
 mod routes;
 pub mod services;
 pub mod sse;
@@ -36,7 +38,9 @@ pub enum ApiStartError {
     #[error(transparent)]
     Queue(#[from] conveyor_shared::queue::QueueError),
     #[error("Redis (REDIS_URL): {0}")]
-    Redis(#[from] redis_error::RedisError),
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthSetupError),
     #[error("cannot listen on API_ADDR {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -46,16 +50,62 @@ pub enum ApiStartError {
     Serve(std::io::Error),
 }
 
-mod redis_error {
-    pub use conveyor_shared::events::hub::RedisError;
-}
-
-/// The application with its middleware.
+/// The application with its middleware: body limit, a body read timeout for slow clients,
+/// request ids (`x-request-id`, generated when absent, echoed back and in the logs), security
+/// headers and, when configured, CORS.
 pub fn app(state: AppState) -> Router {
-    routes::router()
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::{
+        cors::{AllowOrigin, CorsLayer},
+        request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+        set_header::SetResponseHeaderLayer,
+        timeout::RequestBodyTimeoutLayer,
+    };
+
+    #[derive(Clone, Copy)]
+    struct UlidRequestId;
+    impl MakeRequestId for UlidRequestId {
+        fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+            HeaderValue::from_str(&ulid::Ulid::new().to_string())
+                .ok()
+                .map(RequestId::new)
+        }
+    }
+
+    let request_id = HeaderName::from_static("x-request-id");
+    let origins: Vec<HeaderValue> = state
+        .config
+        .cors_allowed_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let mut router = routes::router()
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }))
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, UlidRequestId))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .layer(SetResponseHeaderLayer::if_not_present(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer")));
+    if !origins.is_empty() {
+        router = router.layer(
+            CorsLayer::new()
+                .allow_origin(AllowOrigin::list(origins))
+                .allow_methods([Method::GET, Method::POST, Method::DELETE])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::ACCEPT,
+                    HeaderName::from_static("last-event-id"),
+                    HeaderName::from_static("idempotency-key"),
+                ]),
+        );
+    }
+    router.with_state(state)
 }
 
 /// Runs the API on `listener` until `shutdown`; in-flight requests get a graceful end and SSE
@@ -88,11 +138,26 @@ pub async fn serve(
         streams_stop.clone(),
     )?;
     let sweep_interval = config.sweep_interval;
+    let auth = auth::Authenticator::new(&config.auth)?;
+    let limits = limits::Limits::connect(
+        common.redis_url.expose(),
+        &common.redis_prefix,
+        config.rate_limit_per_minute,
+        config.max_sse_streams_per_user,
+    )
+    .await?;
+    if !auth.is_enabled() {
+        tracing::warn!(
+            "authentication is off (no JWT_SECRET, JWT_JWKS_URL or JWT_JWKS_FILE): anyone who can reach the API can act as any user"
+        );
+    }
     let state = AppState {
         db,
         bus,
         hub,
         producer,
+        auth,
+        limits,
         config: Arc::new(config),
     };
     tracker.spawn(sweeper::run(

@@ -7,11 +7,14 @@ use axum::response::{
     sse::{Event, KeepAlive, Sse},
 };
 use conveyor_shared::{events::StoredEvent, ids::RunId};
+
+use crate::limits::StreamGuard;
 use futures::{Stream, StreamExt, stream};
 
 /// An SSE response: `retry: 1000` first, then each event with `id:` = seq, `event:` = kind and
 /// the JSON data; keep-alive comments while idle.
 pub fn response(
+    guard: StreamGuard,
     run_id: RunId,
     events: impl Stream<Item = StoredEvent> + Send + 'static,
     keep_alive: Duration,
@@ -19,6 +22,8 @@ pub fn response(
     let first =
         stream::once(async { Ok::<_, Infallible>(Event::default().retry(Duration::from_secs(1))) });
     let events = events.map(move |event| {
+        // The stream holds its place in the user's count until the client goes away.
+        let _held = &guard;
         Ok(Event::default()
             .id(event.seq.to_string())
             .event(event.kind.as_str())

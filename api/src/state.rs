@@ -9,6 +9,8 @@ use conveyor_shared::{
 };
 use sqlx::PgPool;
 
+use crate::{auth::Authenticator, limits::Limits};
+
 /// Shared application state. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -16,5 +18,7 @@ pub struct AppState {
     pub bus: EventBus,
     pub hub: EventHub,
     pub producer: JobProducer,
+    pub auth: Authenticator,
+    pub limits: Limits,
     pub config: Arc<ApiConfig>,
 }

@@ -35,13 +35,17 @@ pub enum ServeError {
 
 /// Serves one MCP client on stdin/stdout until it disconnects (EOF) or `shutdown` fires.
 ///
+/// When stdin and stdout are pipes (how MCP clients start servers) they are driven by Tokio's
+/// reactor rather than its blocking pool, which saves a thread hand-off per message and lets
+/// shutdown interrupt a pending read; a terminal or file falls back to blocking stdio.
+///
 /// stdout carries only protocol messages; logs go to stderr. A line that is not JSON is
 /// ignored and well-formed JSON that is not a JSON-RPC message gets an "Invalid request"
 /// error (rmcp's transport does both), so one bad line never ends the session.
 pub async fn serve_stdio(pool: PgPool, shutdown: CancellationToken) -> Result<(), ServeError> {
     let server = TaskServer::new(TaskStore::new(pool));
     let running = match server
-        .serve_with_ct(rmcp::transport::stdio(), shutdown)
+        .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown)
         .await
     {
         Ok(running) => running,

@@ -91,6 +91,24 @@ pub fn millis(env: &dyn Env, var: &str, default: u64) -> Result<Duration, Config
     parsed(env, var, default, "a whole number of milliseconds").map(Duration::from_millis)
 }
 
+/// Checks a parsed number against its accepted range.
+fn in_range<T: PartialOrd + ToString>(
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+    var: &str,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    if range.contains(&value) {
+        Ok(value)
+    } else {
+        Err(ConfigError::Invalid {
+            var: var.to_owned(),
+            value: value.to_string(),
+            expected: expected.to_owned(),
+        })
+    }
+}
+
 /// A URL or connection string that may embed a password; `Debug` hides it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -164,21 +182,135 @@ pub struct ApiConfig {
     pub sse_keepalive: Duration,
     /// `MAX_MESSAGE_CHARS` (default 32000).
     pub max_message_chars: usize,
+    pub auth: AuthConfig,
+    /// `RATE_LIMIT_PER_MINUTE` (default 600; 0 = off): requests per user per minute, counted
+    /// in Redis so the limit holds across API replicas.
+    pub rate_limit_per_minute: u32,
+    /// `MAX_ACTIVE_RUNS_PER_USER` (default 20; 0 = off): unfinished runs a user may have.
+    pub max_active_runs_per_user: u32,
+    /// `MAX_SSE_STREAMS_PER_USER` (default 50; 0 = off): open event streams per user and API
+    /// process.
+    pub max_sse_streams_per_user: u32,
+    /// `CORS_ALLOWED_ORIGINS`: comma-separated origins allowed to call the API from a browser
+    /// (none by default; the bundled page is same-origin).
+    pub cors_allowed_origins: Vec<String>,
+}
+
+/// How API requests are authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthKeys {
+    /// No authentication: only allowed on a loopback address, or with
+    /// `CONVEYOR_INSECURE_NO_AUTH=1`.
+    None,
+    /// `JWT_SECRET`: HS256 tokens signed with a shared secret.
+    Secret(Secret),
+    /// `JWT_JWKS_URL`: RS256/ES256 tokens verified with keys fetched from a JWKS endpoint.
+    JwksUrl(String),
+    /// `JWT_JWKS_FILE`: the same, with the key set read from a file at start-up.
+    JwksFile(PathBuf),
+}
+
+/// Token verification settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    pub keys: AuthKeys,
+    /// `JWT_ISSUER`: required `iss`, if set.
+    pub issuer: Option<String>,
+    /// `JWT_AUDIENCE`: required `aud`, if set.
+    pub audience: Option<String>,
+    /// `JWT_LEEWAY_SECS` (default 30): clock skew allowed on `exp` and `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl AuthConfig {
+    fn from_env(env: &dyn Env, addr: SocketAddr) -> Result<Self, ConfigError> {
+        let configured = [
+            env.get("JWT_SECRET")
+                .map(|s| AuthKeys::Secret(Secret::new(s))),
+            env.get("JWT_JWKS_URL").map(AuthKeys::JwksUrl),
+            env.get("JWT_JWKS_FILE")
+                .map(|p| AuthKeys::JwksFile(PathBuf::from(p))),
+        ];
+        let mut configured = configured.into_iter().flatten();
+        let keys = configured.next().unwrap_or(AuthKeys::None);
+        if configured.next().is_some() {
+            return Err(ConfigError::Invalid {
+                var: "JWT_SECRET/JWT_JWKS_URL/JWT_JWKS_FILE".into(),
+                value: "several".into(),
+                expected: "exactly one of them".into(),
+            });
+        }
+        let insecure = match env.get("CONVEYOR_INSECURE_NO_AUTH").as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(other) => {
+                return Err(ConfigError::Invalid {
+                    var: "CONVEYOR_INSECURE_NO_AUTH".into(),
+                    value: other.into(),
+                    expected: "1 or 0".into(),
+                });
+            }
+        };
+        if keys == AuthKeys::None && !addr.ip().is_loopback() && !insecure {
+            return Err(ConfigError::Missing {
+                var: "JWT_SECRET".into(),
+                hint: format!(
+                    " (or JWT_JWKS_URL / JWT_JWKS_FILE) to serve on {addr}, a non-loopback API_ADDR; \
+                     set CONVEYOR_INSECURE_NO_AUTH=1 to run without authentication anyway"
+                ),
+            });
+        }
+        Ok(Self {
+            keys,
+            issuer: env.get("JWT_ISSUER"),
+            audience: env.get("JWT_AUDIENCE"),
+            leeway_secs: parsed(env, "JWT_LEEWAY_SECS", 30, "a whole number of seconds")?,
+        })
+    }
 }
 
 impl ApiConfig {
     pub fn from_env(env: &dyn Env) -> Result<Self, ConfigError> {
+        let addr = parsed(
+            env,
+            "API_ADDR",
+            SocketAddr::from(([127, 0, 0, 1], 8080)),
+            "an address like 127.0.0.1:8080",
+        )?;
         Ok(Self {
             common: CommonConfig::from_env(env)?,
-            addr: parsed(
-                env,
-                "API_ADDR",
-                SocketAddr::from(([127, 0, 0, 1], 8080)),
-                "an address like 127.0.0.1:8080",
-            )?,
+            auth: AuthConfig::from_env(env, addr)?,
+            addr,
             sweep_interval: seconds(env, "SWEEP_INTERVAL_SECS", 5)?,
             sse_keepalive: seconds(env, "SSE_KEEPALIVE_SECS", 15)?,
             max_message_chars: parsed(env, "MAX_MESSAGE_CHARS", 32_000, "a positive number")?,
+            rate_limit_per_minute: parsed(
+                env,
+                "RATE_LIMIT_PER_MINUTE",
+                600,
+                "a whole number (0 = off)",
+            )?,
+            max_active_runs_per_user: parsed(
+                env,
+                "MAX_ACTIVE_RUNS_PER_USER",
+                20,
+                "a whole number (0 = off)",
+            )?,
+            max_sse_streams_per_user: parsed(
+                env,
+                "MAX_SSE_STREAMS_PER_USER",
+                50,
+                "a whole number (0 = off)",
+            )?,
+            cors_allowed_origins: env
+                .get("CORS_ALLOWED_ORIGINS")
+                .map(|v| {
+                    v.split(',')
+                        .map(|o| o.trim().to_owned())
+                        .filter(|o| !o.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }
@@ -200,6 +332,15 @@ pub struct WorkerConfig {
     pub mcp_call_timeout: Duration,
     /// `DELTA_COALESCE_MS` (default 5): text deltas are merged over this window.
     pub delta_coalesce: Duration,
+    /// `LLM_MAX_ATTEMPTS` (default 5): tries per LLM call before the attempt gives up.
+    pub llm_max_attempts: usize,
+    /// `LLM_RETRY_MIN_DELAY_MS` (default 200) and `LLM_RETRY_MAX_DELAY_MS` (default 10000):
+    /// the exponential backoff's bounds (full jitter below them).
+    pub llm_retry_min_delay: Duration,
+    pub llm_retry_max_delay: Duration,
+    /// `SHUTDOWN_GRACE_SECS` (default 30): on SIGTERM, how long in-flight runs may finish
+    /// before they are handed back to the queue.
+    pub shutdown_grace: Duration,
 }
 
 impl WorkerConfig {
@@ -212,14 +353,8 @@ impl WorkerConfig {
                 expected: "an address like 127.0.0.1:9091".into(),
             })?),
         };
-        let max_turns = parsed(env, "AGENT_MAX_TURNS", 10, "a number from 1 to 100")?;
-        if !(1..=100).contains(&max_turns) {
-            return Err(ConfigError::Invalid {
-                var: "AGENT_MAX_TURNS".into(),
-                value: max_turns.to_string(),
-                expected: "a number from 1 to 100".into(),
-            });
-        }
+        let max_turns = parsed(env, "AGENT_MAX_TURNS", 10, "a number from 1 to 100")
+            .and_then(|n| in_range(n, 1..=100, "AGENT_MAX_TURNS", "a number from 1 to 100"))?;
         Ok(Self {
             common: CommonConfig::from_env(env)?,
             llm: LlmSettings::from_env(env)?,
@@ -229,6 +364,11 @@ impl WorkerConfig {
             history_window: parsed(env, "AGENT_HISTORY_WINDOW", 40, "a positive number")?,
             mcp_call_timeout: seconds(env, "MCP_CALL_TIMEOUT_SECS", 30)?,
             delta_coalesce: millis(env, "DELTA_COALESCE_MS", 5)?,
+            llm_max_attempts: parsed(env, "LLM_MAX_ATTEMPTS", 5, "a number from 1 to 20")
+                .and_then(|n| in_range(n, 1..=20, "LLM_MAX_ATTEMPTS", "a number from 1 to 20"))?,
+            llm_retry_min_delay: millis(env, "LLM_RETRY_MIN_DELAY_MS", 200)?,
+            llm_retry_max_delay: millis(env, "LLM_RETRY_MAX_DELAY_MS", 10_000)?,
+            shutdown_grace: seconds(env, "SHUTDOWN_GRACE_SECS", 30)?,
         })
     }
 }
@@ -272,6 +412,41 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("EVENT_STREAM_TTL_SECS"), "{err}");
+    }
+
+    #[test]
+    fn without_keys_the_api_only_runs_open_on_loopback() {
+        let config = ApiConfig::from_env(&env(&[("DATABASE_URL", "x")])).unwrap();
+        assert_eq!(config.auth.keys, AuthKeys::None);
+        let err = ApiConfig::from_env(&env(&[("DATABASE_URL", "x"), ("API_ADDR", "0.0.0.0:8080")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("JWT_SECRET") && err.contains("CONVEYOR_INSECURE_NO_AUTH"),
+            "{err}"
+        );
+        let open = ApiConfig::from_env(&env(&[
+            ("DATABASE_URL", "x"),
+            ("API_ADDR", "0.0.0.0:8080"),
+            ("CONVEYOR_INSECURE_NO_AUTH", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(open.auth.keys, AuthKeys::None);
+        let secured = ApiConfig::from_env(&env(&[
+            ("DATABASE_URL", "x"),
+            ("API_ADDR", "0.0.0.0:8080"),
+            ("JWT_SECRET", "s3cret"),
+        ]))
+        .unwrap();
+        assert!(matches!(secured.auth.keys, AuthKeys::Secret(_)));
+        assert!(!format!("{secured:?}").contains("s3cret"));
+        let err = ApiConfig::from_env(&env(&[
+            ("DATABASE_URL", "x"),
+            ("JWT_SECRET", "a"),
+            ("JWT_JWKS_URL", "http://127.0.0.1/jwks"),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
     }
 
     #[test]

@@ -69,6 +69,18 @@ impl RunExecutor {
         if run.status != "queued" && run.status != "running" {
             return Ok(());
         }
+        if run.status == "queued" && run.cancel_requested {
+            if run_control::cancel_queued(&self.db, &self.bus, run_id).await? {
+                self.enqueue_next(&run.conversation_id).await;
+            }
+            return Ok(());
+        }
+        // Claim only when the event bus answers. A claimed run whose first event cannot be
+        // published stays locked to this failed attempt until its heartbeat is stale (10 s), and
+        // the job's retries may run out meanwhile. The ping also replaces a bus connection that
+        // died while this worker was idle (a Redis restart), which would otherwise fail exactly
+        // that first event.
+        self.bus.ping().await?;
         let Some(attempt) = runs::start_attempt(
             &self.db,
             run_id.as_str(),
@@ -84,8 +96,27 @@ impl RunExecutor {
                     "the run is held by another worker".to_owned(),
                 ));
             }
+            // Queued behind an earlier run of its conversation: that run's end enqueues it.
             return Ok(());
         };
+        let result = self.run_claimed(&run, run_id, attempt).await;
+        if result.is_err() {
+            // Let the retry (or another worker) take the run at once instead of waiting for
+            // this attempt's heartbeat to go stale.
+            if let Err(error) = runs::release(&self.db, run_id.as_str(), attempt).await {
+                tracing::warn!(run_id = %run_id, %error, "cannot release the run");
+            }
+        }
+        result
+    }
+
+    /// Runs a claimed attempt to its commit.
+    async fn run_claimed(
+        &self,
+        run: &runs::Run,
+        run_id: &RunId,
+        attempt: i32,
+    ) -> Result<(), ExecError> {
         let floor = run_events::max_seq(&self.db, run_id.as_str()).await?;
         let mut emitter =
             Emitter::new(self.bus.clone(), run_id.clone(), floor, self.delta_coalesce);
@@ -164,7 +195,7 @@ impl RunExecutor {
                 return Err(ExecError::Transient(reason));
             }
         };
-        self.commit(&run, attempt, &mut emitter, outcome).await
+        self.commit(run, attempt, &mut emitter, outcome).await
     }
 
     /// Keeps the run's heartbeat fresh while the attempt runs and turns a requested cancel

@@ -65,7 +65,11 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
-    let mcp = McpPool::start(servers, config.mcp_call_timeout, &tracker, &shutdown);
+    // The MCP servers stop only after the consumers: on SIGTERM, runs finishing within the
+    // shutdown grace still call tools. Stopping the pool with `shutdown` killed the servers at
+    // the signal, so those runs got "tool server failed" errors and their side effects were lost.
+    let mcp_shutdown = CancellationToken::new();
+    let mcp = McpPool::start(servers, config.mcp_call_timeout, &tracker, &mcp_shutdown);
     mcp.wait_started(Duration::from_secs(15)).await;
 
     let http = reqwest::Client::builder()
@@ -78,7 +82,11 @@ pub async fn run(
         mcp,
         db: db.clone(),
         max_turns: config.max_turns,
-        retry: RetryPolicy::default(),
+        retry: RetryPolicy {
+            max_attempts: config.llm_max_attempts,
+            min_delay: config.llm_retry_min_delay,
+            max_delay: config.llm_retry_max_delay.max(config.llm_retry_min_delay),
+        },
     };
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let worker_name = unique_worker_name(&host);
@@ -99,6 +107,7 @@ pub async fn run(
     consumer.queues = options.queues;
     consumer.concurrency = options.concurrency;
     consumer.batch_concurrency = options.concurrency.div_ceil(2);
+    consumer.shutdown_grace = config.shutdown_grace;
     let result = run_consumers(
         consumer,
         move |job| {
@@ -109,6 +118,7 @@ pub async fn run(
     )
     .await;
     shutdown.cancel();
+    mcp_shutdown.cancel();
     tracker.close();
     tracker.wait().await;
     result.map_err(Into::into)

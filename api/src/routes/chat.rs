@@ -51,6 +51,12 @@ pub async fn create(
             ));
         }
     };
+    // Refuse before accepting: a turn the client cannot follow would be a surprise.
+    let guard = if wants_json {
+        None
+    } else {
+        Some(state.limits.open_stream(&user)?)
+    };
     let turn = turns::accept(&state, &user, body, key).await?;
     if wants_json {
         let body = json!({
@@ -63,6 +69,7 @@ pub async fn create(
     match runs::attach(&state, &user, &turn.run_id, 0).await? {
         runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
         runs::Attach::Events(events) => Ok(sse::response(
+            guard.ok_or(ApiError::Internal("no stream guard".into()))?,
             turn.run_id,
             events,
             state.config.sse_keepalive,

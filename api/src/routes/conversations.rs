@@ -81,8 +81,11 @@ pub async fn stream(
     };
     match runs::attach(&state, &path.user, &run_id, after).await? {
         runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
-        runs::Attach::Events(events) => {
-            Ok(sse::response(run_id, events, state.config.sse_keepalive))
-        }
+        runs::Attach::Events(events) => Ok(sse::response(
+            state.limits.open_stream(&path.user)?,
+            run_id,
+            events,
+            state.config.sse_keepalive,
+        )),
     }
 }

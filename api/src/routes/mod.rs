@@ -3,6 +3,7 @@
 mod chat;
 mod conversations;
 mod health;
+mod page;
 mod runs;
 
 use std::collections::HashMap;
@@ -18,6 +19,7 @@ use crate::{error::ApiError, state::AppState};
 /// The API's routes.
 pub fn router() -> Router<AppState> {
     Router::new()
+        .route("/", get(page::index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/api/{user_id}/chat", post(chat::create))
@@ -38,6 +40,7 @@ pub fn router() -> Router<AppState> {
             get(conversations::stream),
         )
         .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
 }
 
 /// Query parameters, with a malformed query string answered as a JSON 400.

@@ -50,6 +50,7 @@ pub async fn events(
     match runs::attach(&state, &path.user, &path.run_id, after).await? {
         runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
         runs::Attach::Events(events) => Ok(sse::response(
+            state.limits.open_stream(&path.user)?,
             path.run_id,
             events,
             state.config.sse_keepalive,

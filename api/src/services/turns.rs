@@ -105,6 +105,13 @@ pub async fn accept(
     let run_id = RunId::new();
     let mut interrupted = Vec::new();
     let mut tx = state.db.begin().await?;
+    let limit = state.config.max_active_runs_per_user;
+    if limit > 0 && runs::lock_user_and_count_active(&mut tx, user).await? >= i64::from(limit) {
+        return Err(ApiError::RateLimited {
+            retry_after_secs: 1,
+            message: format!("at most {limit} unfinished runs per user"),
+        });
+    }
     let (conversation_id, position) = if let Some(id) = &request.conversation_id {
         if !conversations::lock_owned(&mut tx, user, id).await? {
             return Err(ApiError::NotFound("conversation"));

@@ -5,9 +5,10 @@
 //! publishes it. Doing the three in one script keeps the Stream and the live channel in the
 //! same order, and costs one round trip.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use redis::{AsyncCommands, aio::ConnectionManager};
+use tokio::time::Instant;
 
 use super::types::{EventKind, RunEvent, StoredEvent};
 use crate::ids::{RunId, Seq};
@@ -191,6 +192,15 @@ impl EventBus {
         run_id: &RunId,
         after: Seq,
     ) -> Result<Option<Vec<StoredEvent>>, EventError> {
+        // Read-only, so safe to repeat on a connection that turned out to be dead.
+        retry_if_stale(|| self.read_after_once(run_id, after)).await
+    }
+
+    async fn read_after_once(
+        &self,
+        run_id: &RunId,
+        after: Seq,
+    ) -> Result<Option<Vec<StoredEvent>>, EventError> {
         let key = self.stream_key(run_id);
         let mut conn = self.conn.clone();
         let mut events = Vec::new();
@@ -223,12 +233,68 @@ impl EventBus {
         Ok(Some(events))
     }
 
-    /// Whether Redis answers.
+    /// Whether Redis answers. Also refreshes a connection that died while it was idle (see
+    /// [`retry_if_stale`]), so a worker pings before it claims a run.
     pub async fn ping(&self) -> Result<(), EventError> {
-        let _: String = redis::cmd("PING")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        retry_if_stale(|| async {
+            let _: String = redis::cmd("PING")
+                .query_async(&mut self.conn.clone())
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// A failure that comes back faster than this reports the state of a connection that was
+/// already gone, not a reconnect attempt made for this command.
+const STALE_FAILURE: Duration = Duration::from_millis(100);
+
+/// Runs `op`, and once more if it failed at once on a dead connection.
+///
+/// Why: with RESP2 a [`ConnectionManager`] only learns that its connection died when a command
+/// fails on it. One that sat idle through a Redis restart (an API's producer, a worker's bus
+/// between runs) still holds the dead connection afterwards, so its first command fails with
+/// "broken pipe" — as does the first command after a reconnect that gave up during a long
+/// outage ("connection refused") — even though Redis is back. That failure makes the manager
+/// reconnect, so one more try succeeds. A failure that took longer was a reconnect attempt
+/// against a Redis that is still down: trying again would only double the wait.
+///
+/// Only for operations that are safe to repeat (the first try may have reached Redis before
+/// the connection broke): reads, pings, and job pushes (jobs are at-least-once).
+pub(crate) async fn retry_if_stale<T, E, F, Fut>(mut op: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: StaleConnection,
+{
+    let started = Instant::now();
+    match op().await {
+        Err(error) if error.is_stale_connection() && started.elapsed() < STALE_FAILURE => {
+            tracing::debug!("Redis connection was dead; retrying once on a fresh one");
+            op().await
+        }
+        result => result,
+    }
+}
+
+/// Errors that can tell whether the Redis connection was gone.
+pub(crate) trait StaleConnection {
+    fn is_stale_connection(&self) -> bool;
+}
+
+impl StaleConnection for redis::RedisError {
+    fn is_stale_connection(&self) -> bool {
+        self.is_connection_dropped() || self.is_connection_refusal()
+    }
+}
+
+impl StaleConnection for EventError {
+    fn is_stale_connection(&self) -> bool {
+        match self {
+            Self::Redis(error) => error.is_stale_connection(),
+            Self::Malformed(_) => false,
+        }
     }
 }
 
@@ -276,4 +342,55 @@ pub(crate) fn parse_published(payload: &str) -> Option<(&str, StoredEvent)> {
             data: data.into(),
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn broken_pipe() -> redis::RedisError {
+        std::io::Error::from(std::io::ErrorKind::BrokenPipe).into()
+    }
+
+    #[tokio::test]
+    async fn a_dead_connection_is_retried_once() {
+        let calls = AtomicUsize::new(0);
+        let result: Result<u8, redis::RedisError> = retry_if_stale(|| async {
+            match calls.fetch_add(1, Ordering::SeqCst) {
+                0 => Err(broken_pipe()),
+                _ => Ok(7),
+            }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 7);
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn slow_or_other_failures_are_not_retried() {
+        let calls = AtomicUsize::new(0);
+        let slow: Result<(), redis::RedisError> = retry_if_stale(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(STALE_FAILURE * 2).await;
+            Err(broken_pipe())
+        })
+        .await;
+        assert!(slow.is_err());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "Redis is down: no second wait"
+        );
+
+        let calls = AtomicUsize::new(0);
+        let other: Result<(), EventError> = retry_if_stale(|| async {
+            calls.fetch_add(1, Ordering::SeqCst);
+            Err(EventError::Malformed("x".into()))
+        })
+        .await;
+        assert!(other.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 }

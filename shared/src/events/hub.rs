@@ -14,7 +14,6 @@ use std::{
 
 use backon::BackoffBuilder;
 use futures::StreamExt;
-pub use redis::RedisError;
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 

@@ -15,6 +15,7 @@ use apalis_redis::queries::push_tasks;
 use redis::aio::ConnectionManager;
 
 use super::{QueueError, QueueName, RunJob};
+use crate::events::bus::{StaleConnection, retry_if_stale};
 
 /// Producer, cheap to clone, shared by API handlers and the sweeper.
 #[derive(Clone)]
@@ -74,9 +75,17 @@ impl JobProducer {
             QueueName::Chat => &self.chat,
             QueueName::Batch => &self.batch,
         };
-        let task = TaskBuilder::new(serde_json::to_vec(&job)?).build();
+        let payload = serde_json::to_vec(&job)?;
         let mut conn = self.conn.clone();
-        push_tasks(&mut conn, &queue.config, &[task]).await?;
+        // A connection that sat idle through a Redis restart fails its first command; without
+        // the retry the first turn after a restart would wait for the sweeper (30 s). Repeating
+        // a push that did land only delivers the job twice, which handlers tolerate.
+        retry_if_stale(|| {
+            let task = TaskBuilder::new(payload.clone()).build();
+            let mut conn = conn.clone();
+            async move { push_tasks(&mut conn, &queue.config, &[task]).await }
+        })
+        .await?;
 
         let woken: Result<u64, _> = redis::cmd("PUBLISH")
             .arg(&queue.wake_channel)
@@ -87,5 +96,11 @@ impl JobProducer {
             tracing::warn!(run_id = %job.run_id, %error, "job pushed but the wake-up publish failed");
         }
         Ok(())
+    }
+}
+
+impl StaleConnection for apalis_redis::Error {
+    fn is_stale_connection(&self) -> bool {
+        matches!(self, Self::Database(error) if error.is_stale_connection())
     }
 }

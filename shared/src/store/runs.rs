@@ -96,6 +96,24 @@ pub async fn by_idempotency_key(
     .await
 }
 
+/// Serialises run creation per user for the rest of the transaction, then counts the user's
+/// unfinished runs: an exact limit even with several API processes.
+pub async fn lock_user_and_count_active(
+    conn: &mut PgConnection,
+    user: &UserId,
+) -> sqlx::Result<i64> {
+    sqlx::query!("SELECT pg_advisory_xact_lock(hashtext($1))", user.as_str())
+        .execute(&mut *conn)
+        .await?;
+    let n = sqlx::query_scalar!(
+        r#"SELECT count(*) AS "n!" FROM runs WHERE user_id = $1 AND status IN ('queued', 'running')"#,
+        user.as_str()
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(n)
+}
+
 /// The conversation's oldest unfinished run, if any.
 pub async fn active_in_conversation(
     conn: impl PgExecutor<'_>,
@@ -233,6 +251,19 @@ pub async fn heartbeat(
     )
     .fetch_optional(conn)
     .await
+}
+
+/// Gives up a failed attempt's hold on the run so the next claim need not wait for its
+/// heartbeat to go stale.
+pub async fn release(conn: impl PgExecutor<'_>, id: &str, attempt: i32) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE runs SET heartbeat_at = 'epoch' WHERE id = $1 AND attempt = $2 AND status = 'running'",
+        id,
+        attempt
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Running runs whose worker has been silent for `stale_after_secs`.

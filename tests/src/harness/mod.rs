@@ -1,7 +1,14 @@
 //! Starts a real Conveyor — API, workers and the fake LLM as separate processes — against
 //! the machine's Postgres and Redis, isolated per test: a fresh database and a fresh Redis key
 //! prefix. Everything is stopped (and the database dropped) when the [`Stack`] is dropped.
+//!
+//! For outage tests a stack can instead get a Redis of its own ([`RedisMode::Private`], a
+//! `redis-server` the test may kill and restart) and reach Postgres through a proxy that can
+//! cut every connection ([`Backends::postgres_proxy`]); faults are only ever injected there,
+//! never into the machine's shared services.
 
+mod pg_proxy;
+mod private_redis;
 mod sse;
 
 use std::{
@@ -18,6 +25,8 @@ use tokio::{
     process::{Child, Command},
 };
 
+pub use pg_proxy::PgProxy;
+pub use private_redis::PrivateRedis;
 pub use sse::{SseEvent, SseStream, assert_gap_free};
 
 /// Where the machine's services are; `TEST_DATABASE_URL` / `TEST_REDIS_URL` override.
@@ -140,6 +149,28 @@ impl Default for StackOptions {
     }
 }
 
+/// Which Redis a stack uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RedisMode {
+    /// The machine's Redis (`TEST_REDIS_URL`), under the stack's own key prefix.
+    #[default]
+    Shared,
+    /// A `redis-server` of the stack's own ([`Stack::redis_server`]) that the test may kill and
+    /// restart; `appendonly` is the production setting (`--appendonly yes --appendfsync
+    /// always`), without it a restart loses every key.
+    Private { appendonly: bool },
+}
+
+/// Where a stack's services find Redis and Postgres (see [`Stack::start_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backends {
+    pub redis: RedisMode,
+    /// Every service reaches Postgres through a [`PgProxy`] ([`Stack::postgres_proxy`]), so
+    /// the test can cut their connections. The test's own pool ([`TestDb::pool`]) connects
+    /// directly.
+    pub postgres_proxy: bool,
+}
+
 /// A running Conveyor.
 pub struct Stack {
     pub db: TestDb,
@@ -147,6 +178,13 @@ pub struct Stack {
     pub api_url: String,
     pub llm_url: String,
     pub http: reqwest::Client,
+    /// The stack's own Redis, with [`RedisMode::Private`].
+    pub redis_server: Option<PrivateRedis>,
+    /// The proxy between the services and Postgres, with [`Backends::postgres_proxy`].
+    pub postgres_proxy: Option<PgProxy>,
+    /// The Redis and Postgres URLs the services were given.
+    services_redis_url: String,
+    services_database_url: String,
     api: Child,
     workers: Vec<Child>,
     fake_llm: Child,
@@ -154,9 +192,38 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// A stack on the machine's Redis and Postgres.
     pub async fn start(options: StackOptions) -> anyhow::Result<Self> {
+        Self::start_with(options, Backends::default()).await
+    }
+
+    /// A stack whose services reach Redis and Postgres as `backends` says.
+    pub async fn start_with(options: StackOptions, backends: Backends) -> anyhow::Result<Self> {
         let db = TestDb::create("conveyor_e2e").await?;
         let redis_prefix = format!("test:{}", ulid::Ulid::new().to_string().to_lowercase());
+        let redis_server = match backends.redis {
+            RedisMode::Shared => None,
+            RedisMode::Private { appendonly } => {
+                Some(PrivateRedis::start(appendonly, options.quiet).await?)
+            }
+        };
+        let services_redis_url = redis_server
+            .as_ref()
+            .map_or_else(redis_url, PrivateRedis::url);
+        let postgres_proxy = if backends.postgres_proxy {
+            Some(PgProxy::start(postgres_addr(&db.url).await?)?)
+        } else {
+            None
+        };
+        let services_database_url = match &postgres_proxy {
+            Some(proxy) => proxy.rewrite_url(&db.url)?,
+            None => db.url.clone(),
+        };
+        let services = Services {
+            database_url: &services_database_url,
+            redis_url: &services_redis_url,
+            redis_prefix: &redis_prefix,
+        };
 
         let mut fake = Command::new(binary("fake-llm"));
         fake.args(["--addr", "127.0.0.1:0"])
@@ -182,11 +249,15 @@ impl Stack {
 
         let api_addr = free_addr();
         let mut stack = Self {
-            api: spawn_api(&options, &db, &redis_prefix, api_addr)?,
+            api: spawn_api(&options, &services, api_addr)?,
             workers: Vec::new(),
             fake_llm,
             db,
             redis_prefix,
+            redis_server,
+            postgres_proxy,
+            services_redis_url,
+            services_database_url,
             api_url: format!("http://{api_addr}"),
             llm_url,
             http: reqwest::Client::builder()
@@ -202,7 +273,17 @@ impl Stack {
     }
 
     fn common_env(&self, cmd: &mut Command) {
-        common_env(cmd, &self.options, &self.db, &self.redis_prefix);
+        let services = Services {
+            database_url: &self.services_database_url,
+            redis_url: &self.services_redis_url,
+            redis_prefix: &self.redis_prefix,
+        };
+        common_env(cmd, &self.options, &services);
+    }
+
+    /// The Redis URL the services use (the private server's, or the machine's).
+    pub fn redis_url(&self) -> &str {
+        &self.services_redis_url
     }
 
     /// Starts one more worker process.
@@ -331,10 +412,17 @@ impl Stack {
     }
 }
 
-fn common_env(cmd: &mut Command, options: &StackOptions, db: &TestDb, redis_prefix: &str) {
-    cmd.env("DATABASE_URL", &db.url)
-        .env("REDIS_URL", redis_url())
-        .env("REDIS_PREFIX", redis_prefix)
+/// What the services are pointed at.
+struct Services<'a> {
+    database_url: &'a str,
+    redis_url: &'a str,
+    redis_prefix: &'a str,
+}
+
+fn common_env(cmd: &mut Command, options: &StackOptions, services: &Services<'_>) {
+    cmd.env("DATABASE_URL", services.database_url)
+        .env("REDIS_URL", services.redis_url)
+        .env("REDIS_PREFIX", services.redis_prefix)
         .env(
             "RUST_LOG",
             std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
@@ -349,12 +437,11 @@ fn common_env(cmd: &mut Command, options: &StackOptions, db: &TestDb, redis_pref
 
 fn spawn_api(
     options: &StackOptions,
-    db: &TestDb,
-    redis_prefix: &str,
+    services: &Services<'_>,
     addr: SocketAddr,
 ) -> anyhow::Result<Child> {
     let mut cmd = Command::new(binary("conveyor-api"));
-    common_env(&mut cmd, options, db, redis_prefix);
+    common_env(&mut cmd, options, services);
     cmd.env("API_ADDR", addr.to_string());
     cmd.spawn().context("spawn conveyor-api")
 }
@@ -367,6 +454,10 @@ impl Drop for Stack {
             .chain([&mut self.api, &mut self.fake_llm])
         {
             let _ = child.start_kill();
+        }
+        if self.redis_server.is_some() {
+            // The private server goes away with its directory; nothing to clean.
+            return;
         }
         // Remove the test's Redis keys.
         let pattern = format!("{}:*", self.redis_prefix);
@@ -387,6 +478,24 @@ impl Drop for Stack {
         })
         .join();
     }
+}
+
+/// The socket address of a `postgres://` URL's host (port 5432 unless it names one).
+async fn postgres_addr(url: &str) -> anyhow::Result<SocketAddr> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let host_port = if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    };
+    tokio::net::lookup_host(&host_port)
+        .await?
+        .next()
+        .with_context(|| format!("cannot resolve {host_port}"))
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes.

@@ -146,6 +146,8 @@ pub async fn complete_with_retries(
                     .flush()
                     .await
                     .map_err(|e| LlmError::Events(e.to_string()))?;
+                // The text now belongs to the completion; a later cancel keeps only newer text.
+                emitter.take_streamed();
                 return Ok(completion);
             }
             Err(LlmError::Transient {

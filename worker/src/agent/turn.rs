@@ -161,7 +161,7 @@ impl Agent {
                         outcome: if outcome.ok {
                             Ok(outcome.result.clone())
                         } else {
-                            Err(outcome.text.clone())
+                            Err(outcome.result.as_str().unwrap_or(&outcome.text).to_owned())
                         },
                     })
                     .await?;
@@ -211,7 +211,7 @@ impl Agent {
             let text = if done.ok {
                 done.result.to_string()
             } else {
-                done.result.as_str().unwrap_or_default().to_owned()
+                format!("Error: {}", done.result.as_str().unwrap_or_default())
             };
             return Ok(ToolOutcome {
                 ok: done.ok,

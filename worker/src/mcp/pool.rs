@@ -52,12 +52,13 @@ pub struct ToolOutcome {
 }
 
 impl ToolOutcome {
+    /// A failure: the model reads it as `Error: …`, events and the journal keep the message.
     pub fn error(message: impl Into<String>) -> Self {
         let message = message.into();
         Self {
             ok: false,
-            result: Value::String(message.clone()),
-            text: message,
+            text: format!("Error: {message}"),
+            result: Value::String(message),
         }
     }
 }
@@ -397,6 +398,7 @@ mod tests {
         result.is_error = Some(true);
         let outcome = outcome_of(result);
         assert!(!outcome.ok);
-        assert_eq!(outcome.text, "task 7 not found");
+        assert_eq!(outcome.text, "Error: task 7 not found");
+        assert_eq!(outcome.result, "task 7 not found");
     }
 }

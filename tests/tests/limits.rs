@@ -1,0 +1,62 @@
+//! Per-user limits: request rate and unfinished runs.
+
+use conveyor_e2e::harness::{Stack, StackOptions};
+use serde_json::json;
+
+#[tokio::test]
+async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        env: vec![
+            ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
+            ("MAX_ACTIVE_RUNS_PER_USER".into(), "2".into()),
+        ],
+        ..StackOptions::default()
+    })
+    .await?;
+    // Two runs stay queued (no worker); the third is refused and nothing is written for it.
+    assert_eq!(
+        stack.post_chat("mia", json!({"message": "one"})).await?.0,
+        202
+    );
+    assert_eq!(
+        stack.post_chat("mia", json!({"message": "two"})).await?.0,
+        202
+    );
+    let response = stack
+        .http
+        .post(stack.url("/api/mia/chat"))
+        .header("accept", "application/json")
+        .json(&json!({"message": "three"}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 429);
+    assert!(response.headers().get("retry-after").is_some());
+    let body: serde_json::Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "rate_limited");
+    let db = stack.db.pool().await?;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE user_id = 'mia'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(runs, 2);
+    // Another user is not affected.
+    assert_eq!(
+        stack.post_chat("noah", json!({"message": "one"})).await?.0,
+        202
+    );
+
+    // mia has used 3 of 6 requests this minute; 3 more pass, then 429.
+    for _ in 0..3 {
+        assert_eq!(stack.get_json("/api/mia/conversations").await?.0, 200);
+    }
+    let response = stack
+        .http
+        .get(stack.url("/api/mia/conversations"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 429);
+    let retry_after: u64 = response.headers()["retry-after"].to_str()?.parse()?;
+    assert!((1..=60).contains(&retry_after));
+    assert_eq!(stack.get_json("/api/noah/conversations").await?.0, 200);
+    Ok(())
+}
