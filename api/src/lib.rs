@@ -15,11 +15,7 @@ pub mod sweeper;
 use std::{future::IntoFuture, sync::Arc};
 
 use axum::Router;
-use conveyor_shared::{
-    config::ApiConfig,
-    events::{EventBus, EventHub},
-    queue::JobProducer,
-};
+use conveyor_shared::{backends::Backends, config::ApiConfig, events::EventHub};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -32,11 +28,7 @@ pub const BODY_LIMIT: usize = 256 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiStartError {
     #[error(transparent)]
-    Db(#[from] conveyor_shared::db::DbError),
-    #[error(transparent)]
-    Events(#[from] conveyor_shared::events::EventError),
-    #[error(transparent)]
-    Queue(#[from] conveyor_shared::queue::QueueError),
+    Backends(#[from] conveyor_shared::backends::BackendError),
     #[error("Redis (REDIS_URL): {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
@@ -116,18 +108,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ApiStartError> {
     let common = &config.common;
-    let db = conveyor_shared::db::connect_and_migrate(
-        common.database_url.expose(),
-        common.database_pool_size,
-    )
-    .await?;
-    let bus = EventBus::connect(
-        common.redis_url.expose(),
-        &common.redis_prefix,
-        common.event_stream_ttl,
-    )
-    .await?;
-    let producer = JobProducer::connect(common.redis_url.expose(), &common.redis_prefix).await?;
+    let Backends { db, bus, producer } = Backends::connect(common).await?;
     let tracker = TaskTracker::new();
     // SSE streams end when the hub stops; it stops with the server.
     let streams_stop = CancellationToken::new();

@@ -32,8 +32,13 @@ pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToke
 }
 
 async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
-    let mut due = runs::stale_queued(&state.db, QUEUED_GRACE.as_secs_f64(), 500).await?;
-    due.extend(runs::stale_running(&state.db, RUNNING_STALE.as_secs_f64(), 500).await?);
+    let due = runs::due_for_sweep(
+        &state.db,
+        QUEUED_GRACE.as_secs_f64(),
+        RUNNING_STALE.as_secs_f64(),
+        500,
+    )
+    .await?;
     for (run_id, batch_id) in due {
         let queue = if batch_id.is_some() {
             QueueName::Batch

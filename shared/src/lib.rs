@@ -2,6 +2,7 @@
 //! configuration, domain types, storage, the job queue, the event bus and the LLM provider
 //! factory. The binaries stay thin; the rules live here, behind narrow interfaces.
 
+pub mod backends;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -9,10 +9,10 @@ pub mod mcp;
 use std::time::Duration;
 
 use conveyor_shared::{
+    backends::Backends,
     config::WorkerConfig,
-    events::EventBus,
     llm::build_client,
-    queue::{ConsumerConfig, JobProducer, QueueName, run_consumers, unique_worker_name},
+    queue::{ConsumerConfig, QueueName, run_consumers, unique_worker_name},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -33,9 +33,7 @@ pub struct WorkerOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
-    Db(#[from] conveyor_shared::db::DbError),
-    #[error(transparent)]
-    Events(#[from] conveyor_shared::events::EventError),
+    Backends(#[from] conveyor_shared::backends::BackendError),
     #[error(transparent)]
     Queue(#[from] conveyor_shared::queue::QueueError),
     #[error(transparent)]
@@ -51,17 +49,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let common = &config.common;
-    let db = conveyor_shared::db::connect_and_migrate(
-        common.database_url.expose(),
-        common.database_pool_size,
-    )
-    .await?;
-    let bus = EventBus::connect(
-        common.redis_url.expose(),
-        &common.redis_prefix,
-        common.event_stream_ttl,
-    )
-    .await?;
+    let Backends { db, bus, producer } = Backends::connect(common).await?;
 
     let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
@@ -90,7 +78,6 @@ pub async fn run(
     };
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let worker_name = unique_worker_name(&host);
-    let producer = JobProducer::connect(common.redis_url.expose(), &common.redis_prefix).await?;
     let executor = RunExecutor {
         agent,
         db,

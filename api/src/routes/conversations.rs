@@ -7,12 +7,11 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{Params, params};
+use super::{Params, events_cursor, follow_run, params};
 use crate::{
     error::ApiError,
-    extract::{ConversationPath, UserPath, page_limit, resume_cursor},
-    services::{conversations, runs},
-    sse,
+    extract::{ConversationPath, UserPath, page_limit},
+    services::conversations,
     state::AppState,
 };
 
@@ -68,24 +67,11 @@ pub async fn stream(
     headers: HeaderMap,
     query: Params,
 ) -> Result<Response, ApiError> {
-    let query = params(query)?;
-    let after = resume_cursor(
-        &headers,
-        query.get("after").map(String::as_str),
-        query.get("starting_after").map(String::as_str),
-    )?;
+    let after = events_cursor(&headers, query)?;
     let Some(run_id) =
         conversations::active_run(&state.db, &path.user, &path.conversation_id).await?
     else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    match runs::attach(&state, &path.user, &run_id, after).await? {
-        runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
-        runs::Attach::Events(events) => Ok(sse::response(
-            state.limits.open_stream(&path.user)?,
-            run_id,
-            events,
-            state.config.sse_keepalive,
-        )),
-    }
+    follow_run(&state, &path.user, run_id, after).await
 }

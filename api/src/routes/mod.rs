@@ -14,7 +14,13 @@ use axum::{
     routing::{get, post},
 };
 
-use crate::{error::ApiError, state::AppState};
+use axum::{
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use conveyor_shared::ids::{RunId, Seq, UserId};
+
+use crate::{error::ApiError, extract::resume_cursor, services, state::AppState};
 
 /// The API's routes.
 pub fn router() -> Router<AppState> {
@@ -45,6 +51,34 @@ pub fn router() -> Router<AppState> {
 
 /// Query parameters, with a malformed query string answered as a JSON 400.
 type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+
+/// The resume cursor of an events request (`Last-Event-ID`, `?after=`, `?starting_after=`).
+fn events_cursor(headers: &HeaderMap, query: Params) -> Result<Seq, ApiError> {
+    let query = params(query)?;
+    resume_cursor(
+        headers,
+        query.get("after").map(String::as_str),
+        query.get("starting_after").map(String::as_str),
+    )
+}
+
+/// A run's events after `after` as SSE, or `204` when nothing more will come.
+async fn follow_run(
+    state: &AppState,
+    user: &UserId,
+    run_id: RunId,
+    after: Seq,
+) -> Result<Response, ApiError> {
+    match services::runs::attach(state, user, &run_id, after).await? {
+        services::runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
+        services::runs::Attach::Events(events) => Ok(crate::sse::response(
+            state.limits.open_stream(user)?,
+            run_id,
+            events,
+            state.config.sse_keepalive,
+        )),
+    }
+}
 
 fn params(query: Params) -> Result<HashMap<String, String>, ApiError> {
     query

@@ -7,14 +7,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 
-use super::{Params, params};
-use crate::{
-    error::ApiError,
-    extract::{RunPath, resume_cursor},
-    services::runs,
-    sse,
-    state::AppState,
-};
+use super::{Params, events_cursor, follow_run};
+use crate::{error::ApiError, extract::RunPath, services::runs, state::AppState};
 
 pub async fn get(
     State(state): State<AppState>,
@@ -41,19 +35,6 @@ pub async fn events(
     headers: HeaderMap,
     query: Params,
 ) -> Result<Response, ApiError> {
-    let query = params(query)?;
-    let after = resume_cursor(
-        &headers,
-        query.get("after").map(String::as_str),
-        query.get("starting_after").map(String::as_str),
-    )?;
-    match runs::attach(&state, &path.user, &path.run_id, after).await? {
-        runs::Attach::Finished => Ok(StatusCode::NO_CONTENT.into_response()),
-        runs::Attach::Events(events) => Ok(sse::response(
-            state.limits.open_stream(&path.user)?,
-            path.run_id,
-            events,
-            state.config.sse_keepalive,
-        )),
-    }
+    let after = events_cursor(&headers, query)?;
+    follow_run(&state, &path.user, path.run_id, after).await
 }

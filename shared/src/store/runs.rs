@@ -266,24 +266,6 @@ pub async fn release(conn: impl PgExecutor<'_>, id: &str, attempt: i32) -> sqlx:
     Ok(())
 }
 
-/// Running runs whose worker has been silent for `stale_after_secs`.
-pub async fn stale_running(
-    conn: impl PgExecutor<'_>,
-    stale_after_secs: f64,
-    limit: i64,
-) -> sqlx::Result<Vec<(String, Option<String>)>> {
-    let rows = sqlx::query!(
-        r#"SELECT id, batch_id FROM runs
-           WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $1)
-           ORDER BY heartbeat_at LIMIT $2"#,
-        stale_after_secs,
-        limit
-    )
-    .fetch_all(conn)
-    .await?;
-    Ok(rows.into_iter().map(|r| (r.id, r.batch_id)).collect())
-}
-
 /// Locks the run for a final commit and returns its status and attempt.
 pub async fn lock(conn: &mut PgConnection, id: &str) -> sqlx::Result<Option<(String, i32)>> {
     let row = sqlx::query!(
@@ -313,17 +295,21 @@ pub async fn finish(
     Ok(())
 }
 
-/// Runs left `queued` for longer than `older_than_secs` (their job push may have failed).
-pub async fn stale_queued(
+/// Runs the sweeper must push again: `queued` for longer than `queued_secs` (their push may
+/// have failed) or `running` without a heartbeat for `silent_secs` (their worker died).
+pub async fn due_for_sweep(
     conn: impl PgExecutor<'_>,
-    older_than_secs: f64,
+    queued_secs: f64,
+    silent_secs: f64,
     limit: i64,
 ) -> sqlx::Result<Vec<(String, Option<String>)>> {
     let rows = sqlx::query!(
         r#"SELECT id, batch_id FROM runs
-           WHERE status = 'queued' AND queued_at < now() - make_interval(secs => $1)
-           ORDER BY queued_at LIMIT $2"#,
-        older_than_secs,
+           WHERE (status = 'queued' AND queued_at < now() - make_interval(secs => $1))
+              OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
+           ORDER BY queued_at LIMIT $3"#,
+        queued_secs,
+        silent_secs,
         limit
     )
     .fetch_all(conn)
