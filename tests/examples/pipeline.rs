@@ -135,6 +135,12 @@ impl Args {
             worker_concurrency: self.worker_concurrency.max(users),
             fake_llm_args,
             quiet: !self.logs,
+            // The benchmark measures the pipeline, not the per-user limits.
+            env: vec![
+                ("RATE_LIMIT_PER_MINUTE".to_owned(), "0".to_owned()),
+                ("MAX_ACTIVE_RUNS_PER_USER".to_owned(), "0".to_owned()),
+                ("MAX_SSE_STREAMS_PER_USER".to_owned(), "0".to_owned()),
+            ],
             ..StackOptions::default()
         }
     }
