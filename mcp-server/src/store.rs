@@ -23,8 +23,8 @@ const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
 /// Opens the server's pool and applies pending migrations.
 ///
 /// Like `conveyor_shared::db::connect_and_migrate`, except for one thing: sqlx's default
-/// `test_before_acquire` pings every connection on every checkout, a full extra round trip per
-/// statement, which costs a busy tool server about a third of its latency. Here only a
+/// `test_before_acquire` pings every connection on every checkout, a full extra round trip
+/// before every statement of a call that is otherwise one statement. Here only a
 /// connection that sat idle for a while (when a Postgres restart may have killed it) is
 /// pinged; a connection that dies while busy fails its statement, is discarded by sqlx, and the
 /// call answers "try again".

@@ -141,7 +141,6 @@ impl Args {
                 ("MAX_ACTIVE_RUNS_PER_USER".to_owned(), "0".to_owned()),
                 ("MAX_SSE_STREAMS_PER_USER".to_owned(), "0".to_owned()),
             ],
-            ..StackOptions::default()
         }
     }
 
