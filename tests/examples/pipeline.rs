@@ -248,11 +248,13 @@ async fn throughput(args: &Args, users: usize) -> anyhow::Result<PhaseReport> {
         None
     };
     let pids = Pids::of(&stack);
-    let cpu_before = pids.cpu_snapshot();
+    let pg = stack.db.pool().await?;
+    let cpu_before = pids.cpu_snapshot(&postgres_pids(&pg).await?);
     let started = Instant::now();
     let turns = run_users(&ctx, users, args.turns, "turn", args.deadline()).await;
     let wall = started.elapsed();
-    let cpu_after = pids.cpu_snapshot();
+    let cpu_after = pids.cpu_snapshot(&postgres_pids(&pg).await?);
+    pg.close().await;
     let server_stats = match stats_before {
         Some(before) => Some(ServerStats::read(&stack).await?.since(&before)),
         None => None,
@@ -968,16 +970,17 @@ impl Pids {
         }
     }
 
-    /// CPU seconds used so far by each part's processes. Postgres and Redis are found by
-    /// name: they are the machine's shared servers, so their figure includes whatever else
-    /// uses them meanwhile.
-    fn cpu_snapshot(&self) -> CpuSnapshot {
+    /// CPU seconds used so far by each part's processes. Postgres counts the backends
+    /// connected to this stack's database and the server's background processes (WAL writer,
+    /// checkpointer, …, shared with anything else using the server); Redis is found by name
+    /// and is shared too.
+    fn cpu_snapshot(&self, pg: &PostgresPids) -> CpuSnapshot {
         let of = |pids: &[u32]| -> BTreeMap<u32, f64> {
             pids.iter()
                 .filter_map(|&pid| Some((pid, process_cpu(pid)?)))
                 .collect()
         };
-        let named = processes_named(&["postgres", "redis-server"]);
+        let named = processes_named(&["redis-server"]);
         CpuSnapshot {
             parts: vec![
                 ("api", of(self.api.as_slice())),
@@ -985,8 +988,9 @@ impl Pids {
                 ("mcp", of(&self.mcp)),
                 ("fake-llm", of(self.fake_llm.as_slice())),
                 ("client", of(&[std::process::id()])),
-                ("postgres", of(&named[0])),
-                ("redis", of(&named[1])),
+                ("postgres", of(&pg.backends)),
+                ("pg-bg", of(&pg.background)),
+                ("redis", of(&named[0])),
             ],
             machine: machine_busy_seconds().unwrap_or(0.0),
         }
@@ -1018,6 +1022,36 @@ impl CpuSnapshot {
         out.push(("machine".to_owned(), self.machine - before.machine));
         out
     }
+}
+
+/// Postgres server processes, from `pg_stat_activity`.
+struct PostgresPids {
+    /// Backends connected to the stack's database (not the one asking).
+    backends: Vec<u32>,
+    /// The server's own processes (WAL writer, checkpointer, autovacuum, …).
+    background: Vec<u32>,
+}
+
+async fn postgres_pids(pool: &sqlx::PgPool) -> anyhow::Result<PostgresPids> {
+    let rows: Vec<(i32, bool)> = sqlx::query_as(
+        "SELECT pid, backend_type <> 'client backend'
+         FROM pg_stat_activity
+         WHERE pid <> pg_backend_pid()
+           AND (datname = current_database() OR backend_type <> 'client backend')",
+    )
+    .fetch_all(pool)
+    .await
+    .context("read pg_stat_activity")?;
+    let pick = |bg: bool| {
+        rows.iter()
+            .filter(|r| r.1 == bg)
+            .filter_map(|r| u32::try_from(r.0).ok())
+            .collect()
+    };
+    Ok(PostgresPids {
+        backends: pick(false),
+        background: pick(true),
+    })
 }
 
 /// The ids of the processes whose command name is each of `names`.
@@ -1160,7 +1194,8 @@ impl PhaseReport {
     }
 
     /// CPU milliseconds per completed turn for each part, "other" being everything else on
-    /// the machine (the kernel, short-lived processes, other users of the machine).
+    /// the machine (the kernel, short-lived processes, other users of the machine and of the
+    /// shared Postgres).
     fn cpu_per_turn(&self) -> String {
         let turns = count_f64(self.turns.len()).max(1.0);
         let machine = self
@@ -1387,10 +1422,15 @@ fn render(args: &Args, phases: &[PhaseReport], idle: Option<&IdleReport>) -> Str
     if let Some(phase) = phases.iter().find(|p| p.users == 32) {
         let rate = phase.turns_per_sec();
         let ok = phase.errors() == 0 && rate >= 200.0;
+        // The target is for a zero-time model; a slow one caps turns/s at U / model time.
         let _ = writeln!(
             out,
-            "| ≥ 200 turns/s at U=32 | {rate:.1} turns/s | {} |",
-            verdict(ok)
+            "| ≥ 200 turns/s at U=32 (model time 0) | {rate:.1} turns/s | {} |",
+            if model_zero {
+                verdict(ok)
+            } else {
+                "n/a: model time is not 0"
+            }
         );
     }
     if let Some(idle) = idle {
