@@ -14,7 +14,7 @@ pub mod sweeper;
 
 use std::{future::IntoFuture, sync::Arc};
 
-use axum::Router;
+use axum::{Router, serve::ListenerExt};
 use conveyor_shared::{backends::Backends, config::ApiConfig, events::EventHub};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -150,7 +150,19 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ApiStartError::Serve)?;
     tracing::info!(%addr, "API listening");
     let stop = shutdown.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let server = axum::serve(
+        // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client's
+        // delayed ACK (~40 ms) arrives.
+        listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        }),
+        // Built once: `Router` as a service would rebuild the routes and clone the state for
+        // every connection (~57 KB each, which idle SSE clients hold on to).
+        app(state).into_make_service(),
+    )
+    .with_graceful_shutdown(async move {
         stop.cancelled().await;
         streams_stop.cancel();
     });
