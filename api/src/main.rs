@@ -6,6 +6,7 @@ use conveyor_shared::config::{ApiConfig, ProcessEnv};
 async fn main() -> anyhow::Result<()> {
     conveyor_shared::telemetry::init_tracing();
     let config = ApiConfig::from_env(&ProcessEnv::load())?;
-    conveyor_api::run(config, conveyor_shared::shutdown::on_signal()).await?;
+    conveyor_shared::shutdown::run_until_signal(|shutdown| conveyor_api::run(config, shutdown))
+        .await?;
     Ok(())
 }

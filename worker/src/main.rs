@@ -29,15 +29,13 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     let config = WorkerConfig::from_env(&ProcessEnv::load())?;
-    let shutdown = conveyor_shared::shutdown::on_signal();
-    conveyor_worker::run(
-        config,
-        WorkerOptions {
-            queues: args.queues,
-            concurrency: args.concurrency,
-        },
-        shutdown,
-    )
+    let options = WorkerOptions {
+        queues: args.queues,
+        concurrency: args.concurrency,
+    };
+    conveyor_shared::shutdown::run_until_signal(|shutdown| {
+        conveyor_worker::run(config, options, shutdown)
+    })
     .await?;
     Ok(())
 }
