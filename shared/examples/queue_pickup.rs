@@ -79,11 +79,14 @@ async fn run(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
         config.concurrency, config.fallback_poll, config.heartbeat_interval
     );
     let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn(run_consumers(config, handler, shutdown.clone()));
+    let mut consumer = tokio::task::JoinSet::new();
+    consumer.spawn(run_consumers(config, handler, shutdown.clone()));
 
     let outcome = measure(&producer, &pickups, &metrics).await;
     shutdown.cancel();
-    consumer.await??;
+    if let Some(finished) = consumer.join_next().await {
+        finished??;
+    }
     outcome
 }
 
