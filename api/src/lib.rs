@@ -15,7 +15,7 @@ pub mod sweeper;
 use std::{future::IntoFuture, sync::Arc};
 
 use axum::{Router, serve::ListenerExt};
-use conveyor_shared::{backends::Backends, config::ApiConfig, events::EventHub};
+use conveyor_shared::{backends::Backends, config::ApiConfig, db::CommitMode, events::EventHub};
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -108,7 +108,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ApiStartError> {
     let common = &config.common;
-    let Backends { db, bus, producer } = Backends::connect(common).await?;
+    let Backends { db, bus, producer } = Backends::connect(common, CommitMode::Synchronous).await?;
     let tracker = TaskTracker::new();
     // SSE streams end when the hub stops; it stops with the server.
     let streams_stop = CancellationToken::new();

@@ -47,7 +47,7 @@ impl Limits {
         per_minute: u32,
         max_streams: u32,
     ) -> Result<Self, redis::RedisError> {
-        let redis = redis::Client::open(redis_url)?
+        let redis = conveyor_shared::backends::redis_client(redis_url)?
             .get_connection_manager()
             .await?;
         Ok(Self {

@@ -55,7 +55,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let pool = store::connect(&config.database_url, config.pool_size).await?;
+    let pool = conveyor_shared::db::connect_and_migrate(
+        &config.database_url,
+        config.pool_size,
+        conveyor_shared::db::CommitMode::Synchronous,
+    )
+    .await?;
     match config.transport {
         Transport::Stdio => serve_stdio(pool, shutdown).await?,
         Transport::Http(addr) => {

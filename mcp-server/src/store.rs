@@ -5,48 +5,14 @@
 //! with the row that records their result in `tool_idempotency`, which makes their effect
 //! exactly-once even when a caller retries or two copies of one call race.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use conveyor_shared::db::{DbError, MIGRATOR};
 use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{Connection, PgExecutor, PgPool, postgres::PgPoolOptions};
+use sqlx::{PgExecutor, PgPool};
 
 use crate::domain::{
     IdempotencyKey, Task, TaskChange, TaskDescription, TaskId, TaskPriority, TaskStatusFilter,
     TaskTitle, UserId,
 };
-
-/// A pooled connection idle for longer than this is pinged before use.
-const PING_WHEN_IDLE_FOR: Duration = Duration::from_secs(1);
-
-/// Opens the server's pool and applies pending migrations.
-///
-/// Like `conveyor_shared::db::connect_and_migrate`, except for one thing: sqlx's default
-/// `test_before_acquire` pings every connection on every checkout, a full extra round trip
-/// before every statement of a call that is otherwise one statement. Here only a
-/// connection that sat idle for a while (when a Postgres restart may have killed it) is
-/// pinged; a connection that dies while busy fails its statement, is discarded by sqlx, and the
-/// call answers "try again".
-pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, DbError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .test_before_acquire(false)
-        .before_acquire(|conn, meta| {
-            Box::pin(async move {
-                if meta.idle_for >= PING_WHEN_IDLE_FOR {
-                    conn.ping().await?;
-                }
-                Ok(true)
-            })
-        })
-        .connect(url)
-        .await
-        .map_err(DbError::Connect)?;
-    MIGRATOR.run(&pool).await?;
-    Ok(pool)
-}
 
 /// Why a store operation did not produce a result.
 #[derive(Debug, thiserror::Error)]

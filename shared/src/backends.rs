@@ -5,7 +5,7 @@ use sqlx::PgPool;
 
 use crate::{
     config::CommonConfig,
-    db::{DbError, connect_and_migrate},
+    db::{CommitMode, DbError, connect_and_migrate},
     events::{EventBus, EventError},
     queue::{JobProducer, QueueError},
 };
@@ -29,11 +29,30 @@ pub enum BackendError {
     Queue(#[from] QueueError),
 }
 
+/// A Redis client for `url` whose TCP connections send at once (`TCP_NODELAY`).
+///
+/// redis-rs leaves Nagle's algorithm on by default. On a multiplexed connection, a command
+/// written while an earlier one is still unacknowledged then waits for the server's delayed
+/// ACK — tens of milliseconds added to an event or a job push, under exactly the concurrent
+/// load the multiplexing is for.
+pub fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::{IntoConnectionInfo, io::tcp::TcpSettings};
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info)
+}
+
 impl Backends {
-    /// Connects to Postgres (applying migrations) and Redis.
-    pub async fn connect(common: &CommonConfig) -> Result<Self, BackendError> {
-        let db =
-            connect_and_migrate(common.database_url.expose(), common.database_pool_size).await?;
+    /// Connects to Postgres (applying migrations) and Redis; `commit` is the pool's default
+    /// commit durability.
+    pub async fn connect(common: &CommonConfig, commit: CommitMode) -> Result<Self, BackendError> {
+        let db = connect_and_migrate(
+            common.database_url.expose(),
+            common.database_pool_size,
+            commit,
+        )
+        .await?;
         let redis_url = common.redis_url.expose();
         let bus =
             EventBus::connect(redis_url, &common.redis_prefix, common.event_stream_ttl).await?;

@@ -28,7 +28,7 @@ pub async fn cancel_queued(
     run_id: &RunId,
 ) -> Result<bool, ControlError> {
     let floor = run_events::max_seq(db, run_id.as_str()).await?;
-    let mut tx = db.begin().await?;
+    let mut tx = crate::db::begin_durable(db).await?;
     match runs::lock(&mut tx, run_id.as_str()).await? {
         Some((status, _)) if status == "queued" => {}
         _ => return Ok(false),

@@ -4,7 +4,10 @@
 //! untouched; each attempt bumps the run's `attempt`, and the final commit only lands if the
 //! attempt is still the current one — a stale worker cannot overwrite a newer attempt.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use conveyor_shared::{
     domain::ErrorBody,
@@ -12,7 +15,7 @@ use conveyor_shared::{
     ids::{MessageId, RunId},
     queue::{JobError, JobProducer, QueueName, RunJob},
     run_control,
-    store::{conversations, messages, run_events, runs},
+    store::{messages, run_events, runs},
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -62,48 +65,48 @@ impl RunExecutor {
     }
 
     async fn execute(&self, run_id: &RunId) -> Result<(), ExecError> {
-        let Some(run) = runs::get_unscoped(&self.db, run_id.as_str()).await? else {
-            tracing::info!(run_id = %run_id, "job for a deleted run; acknowledged");
-            return Ok(());
-        };
-        if run.status != "queued" && run.status != "running" {
-            return Ok(());
-        }
-        if run.status == "queued" && run.cancel_requested {
-            if run_control::cancel_queued(&self.db, &self.bus, run_id).await? {
-                self.enqueue_next(&run.conversation_id).await;
-            }
-            return Ok(());
-        }
         // Claim only when the event bus answers. A claimed run whose first event cannot be
         // published stays locked to this failed attempt until its heartbeat is stale (10 s), and
         // the job's retries may run out meanwhile. The ping also replaces a bus connection that
         // died while this worker was idle (a Redis restart), which would otherwise fail exactly
         // that first event.
         self.bus.ping().await?;
-        let Some(attempt) = runs::start_attempt(
+        let claim = runs::claim(
             &self.db,
             run_id.as_str(),
             &self.worker_name,
             CLAIM_STALE_AFTER.as_secs_f64(),
         )
-        .await?
-        else {
-            if run.status == "running" {
-                // Another worker holds it (a duplicate job). Come back later: if that worker
-                // dies, its heartbeat goes stale and this job takes the run over.
-                return Err(ExecError::Transient(
-                    "the run is held by another worker".to_owned(),
-                ));
-            }
-            // Queued behind an earlier run of its conversation: that run's end enqueues it.
+        .await?;
+        let Some(claim) = claim else {
+            tracing::info!(run_id = %run_id, "job for a deleted run; acknowledged");
             return Ok(());
         };
-        let result = self.run_claimed(&run, run_id, attempt).await;
+        let Some(attempt) = claim.attempt else {
+            return match claim.status.as_str() {
+                "queued" if claim.cancel_requested => {
+                    if run_control::cancel_queued(&self.db, &self.bus, run_id).await? {
+                        self.enqueue_next(&claim.conversation_id).await;
+                    }
+                    Ok(())
+                }
+                // Another worker holds it (a duplicate job). Come back later: if that worker
+                // dies, its heartbeat goes stale and this job takes the run over.
+                "running" => Err(ExecError::Transient(
+                    "the run is held by another worker".to_owned(),
+                )),
+                // Queued behind an earlier run of its conversation (that run's end enqueues
+                // it), or already finished (a duplicate job).
+                _ => Ok(()),
+            };
+        };
+        let result = self.run_claimed(&claim, run_id, attempt).await;
         if result.is_err() {
             // Let the retry (or another worker) take the run at once instead of waiting for
             // this attempt's heartbeat to go stale.
-            if let Err(error) = runs::release(&self.db, run_id.as_str(), attempt).await {
+            let released =
+                runs::release(&self.db, run_id.as_str(), attempt, &self.worker_name).await;
+            if let Err(error) = released {
                 tracing::warn!(run_id = %run_id, %error, "cannot release the run");
             }
         }
@@ -113,11 +116,11 @@ impl RunExecutor {
     /// Runs a claimed attempt to its commit.
     async fn run_claimed(
         &self,
-        run: &runs::Run,
+        run: &runs::Claim,
         run_id: &RunId,
         attempt: i32,
     ) -> Result<(), ExecError> {
-        let floor = run_events::max_seq(&self.db, run_id.as_str()).await?;
+        let floor = u64::try_from(run.max_seq).unwrap_or(0);
         let mut emitter =
             Emitter::new(self.bus.clone(), run_id.clone(), floor, self.delta_coalesce);
         if run.status == "running" {
@@ -151,9 +154,10 @@ impl RunExecutor {
         };
         let cancel = CancellationToken::new();
         let mut output = AgentOutput::default();
+        let published = emitter.published_seq();
         let result = tokio::select! {
             result = self.agent.run(scope, history_messages(&history), &mut emitter, &cancel, &mut output) => result,
-            stale = self.heartbeat(run_id, attempt, &cancel) => return stale,
+            stale = self.heartbeat(run_id, attempt, &published, &cancel) => return stale,
         };
         let outcome = match result {
             Ok(()) => Outcome::Completed(output),
@@ -204,11 +208,20 @@ impl RunExecutor {
         &self,
         run_id: &RunId,
         attempt: i32,
+        published: &AtomicU64,
         cancel: &CancellationToken,
     ) -> Result<(), ExecError> {
         loop {
             tokio::time::sleep(HEARTBEAT_INTERVAL).await;
-            match runs::heartbeat(&self.db, run_id.as_str(), attempt).await {
+            let last_seq = i64::try_from(published.load(Ordering::Relaxed)).unwrap_or(i64::MAX);
+            let beat = runs::heartbeat(
+                &self.db,
+                run_id.as_str(),
+                attempt,
+                &self.worker_name,
+                last_seq,
+            );
+            match beat.await {
                 Ok(Some(true)) => cancel.cancel(),
                 Ok(Some(false)) => {}
                 Ok(None) => {
@@ -224,7 +237,7 @@ impl RunExecutor {
     /// `attempt`, then publishes the terminal events.
     async fn commit(
         &self,
-        run: &runs::Run,
+        run: &runs::Claim,
         attempt: i32,
         emitter: &mut Emitter,
         outcome: Outcome,
@@ -268,71 +281,26 @@ impl RunExecutor {
             .map(|(i, e)| (first + i as u64, e))
             .collect();
 
-        let mut tx = self.db.begin().await?;
-        match runs::lock(&mut tx, run_id.as_str()).await? {
-            Some((current, current_attempt))
-                if current_attempt == attempt && current == "running" => {}
-            _ => {
-                tracing::info!(run_id = %run_id, attempt, "stale attempt; its result is dropped");
-                return Ok(());
-            }
-        }
-        let base = messages::NewMessage {
-            id: "",
-            conversation_id: &run.conversation_id,
-            user_id: &run.user_id,
-            run_id: run_id.as_str(),
-            role: "assistant",
-            content: "",
-            tool_calls: json!([]),
-            tool_call_id: None,
-            status: Some("completed"),
+        let error = match &outcome {
+            Outcome::Failed(_, error) => Some(serde_json::to_value(error).unwrap_or_default()),
+            _ => None,
         };
-        for step in &output.steps {
-            let calls: Vec<Value> = step
-                .calls
-                .iter()
-                .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
-                .collect();
-            let id = MessageId::new();
-            messages::insert(
-                &mut tx,
-                messages::NewMessage {
-                    id: id.as_str(),
-                    content: &step.text,
-                    tool_calls: Value::Array(calls),
-                    ..base.clone()
-                },
-            )
-            .await?;
-            for call in &step.calls {
-                let id = MessageId::new();
-                messages::insert(
-                    &mut tx,
-                    messages::NewMessage {
-                        id: id.as_str(),
-                        role: "tool",
-                        content: &call.outcome.text,
-                        tool_call_id: Some(&call.id),
-                        status: None,
-                        ..base.clone()
-                    },
-                )
-                .await?;
-            }
+        let mut tx = conveyor_shared::db::begin_durable(&self.db).await?;
+        let finished = runs::finish_attempt(
+            &mut tx,
+            run_id.as_str(),
+            attempt,
+            &self.worker_name,
+            status,
+            error.as_ref(),
+        )
+        .await?;
+        if !finished {
+            tracing::info!(run_id = %run_id, attempt, "stale attempt; its result is dropped");
+            return Ok(());
         }
-        if let Some(text_status) = final_text_status {
-            messages::insert(
-                &mut tx,
-                messages::NewMessage {
-                    id: message_id.as_str(),
-                    content: &output.text,
-                    status: Some(text_status),
-                    ..base.clone()
-                },
-            )
-            .await?;
-        }
+        let answer = answer_messages(run, &run_id, output, final_text_status, &message_id);
+        messages::insert_many(&mut tx, &answer).await?;
         let mut durable: Vec<StoredEvent> = emitter.durable().to_vec();
         durable.extend(terminal.iter().map(|(seq, e)| StoredEvent {
             seq: *seq,
@@ -340,12 +308,6 @@ impl RunExecutor {
             data: e.data_json().into(),
         }));
         run_events::insert_many(&mut tx, run_id.as_str(), &durable).await?;
-        let error = match &outcome {
-            Outcome::Failed(_, error) => Some(serde_json::to_value(error).unwrap_or_default()),
-            _ => None,
-        };
-        runs::finish(&mut tx, run_id.as_str(), status, error.as_ref()).await?;
-        conversations::touch(&mut *tx, &run.conversation_id).await?;
         tx.commit().await?;
 
         for (seq, event) in &terminal {
@@ -381,6 +343,61 @@ impl RunExecutor {
             tracing::warn!(run_id, %error, "cannot enqueue the next run of the conversation");
         }
     }
+}
+
+/// The messages an attempt adds to the conversation, in history order: per model step the
+/// assistant message (its text and tool calls) and one tool message per call, then the final
+/// answer when there is one (`final_status`).
+fn answer_messages<'a>(
+    run: &'a runs::Claim,
+    run_id: &'a RunId,
+    output: &'a AgentOutput,
+    final_status: Option<&'a str>,
+    final_id: &'a MessageId,
+) -> Vec<messages::NewMessage<'a>> {
+    let base = messages::NewMessage {
+        id: final_id.clone(),
+        conversation_id: &run.conversation_id,
+        user_id: &run.user_id,
+        run_id: run_id.as_str(),
+        role: "assistant",
+        content: "",
+        tool_calls: json!([]),
+        tool_call_id: None,
+        status: Some("completed"),
+    };
+    let mut answer = Vec::new();
+    for step in &output.steps {
+        let calls: Vec<Value> = step
+            .calls
+            .iter()
+            .map(|c| json!({"id": c.id, "name": c.name, "arguments": c.arguments}))
+            .collect();
+        answer.push(messages::NewMessage {
+            id: MessageId::new(),
+            content: &step.text,
+            tool_calls: Value::Array(calls),
+            ..base.clone()
+        });
+        for call in &step.calls {
+            answer.push(messages::NewMessage {
+                id: MessageId::new(),
+                role: "tool",
+                content: &call.outcome.text,
+                tool_call_id: Some(&call.id),
+                status: None,
+                ..base.clone()
+            });
+        }
+    }
+    if let Some(status) = final_status {
+        answer.push(messages::NewMessage {
+            content: &output.text,
+            status: Some(status),
+            ..base
+        });
+    }
+    answer
 }
 
 /// Why an attempt must be retried.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use conveyor_shared::{
     backends::Backends,
     config::WorkerConfig,
+    db::CommitMode,
     llm::build_client,
     queue::{ConsumerConfig, QueueName, run_consumers, unique_worker_name},
 };
@@ -49,7 +50,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let common = &config.common;
-    let Backends { db, bus, producer } = Backends::connect(common).await?;
+    let Backends { db, bus, producer } =
+        Backends::connect(common, CommitMode::Asynchronous).await?;
 
     let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;

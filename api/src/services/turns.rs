@@ -162,11 +162,10 @@ pub async fn accept(
         }
         Err(error) => return Err(error.into()),
     }
-    let message_id = conveyor_shared::ids::MessageId::new();
-    messages::insert(
+    messages::insert_many(
         &mut tx,
-        messages::NewMessage {
-            id: message_id.as_str(),
+        &[messages::NewMessage {
+            id: conveyor_shared::ids::MessageId::new(),
             conversation_id: conversation_id.as_str(),
             user_id: user.as_str(),
             run_id: run_id.as_str(),
@@ -175,10 +174,13 @@ pub async fn accept(
             tool_calls: serde_json::json!([]),
             tool_call_id: None,
             status: None,
-        },
+        }],
     )
     .await?;
-    conversations::touch(&mut *tx, conversation_id.as_str()).await?;
+    if request.conversation_id.is_some() {
+        // A new conversation was inserted with `updated_at = now()` already.
+        conversations::touch(&mut *tx, conversation_id.as_str()).await?;
+    }
     let queued = RunEvent::Queued {
         conversation_id: conversation_id.clone(),
         position: u32::try_from(position).unwrap_or(u32::MAX),

@@ -36,9 +36,13 @@ impl TestDb {
             .expect("create the test database");
         let _ = admin.close().await;
         let url = with_database(&admin_url, &name);
-        let pool = conveyor_shared::db::connect_and_migrate(&url, 2)
-            .await
-            .expect("migrate the test database");
+        let pool = conveyor_shared::db::connect_and_migrate(
+            &url,
+            2,
+            conveyor_shared::db::CommitMode::Synchronous,
+        )
+        .await
+        .expect("migrate the test database");
         Self {
             name,
             url,

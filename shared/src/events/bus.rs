@@ -81,7 +81,7 @@ impl EventBus {
         prefix: &str,
         finished_ttl: Duration,
     ) -> Result<Self, EventError> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::backends::redis_client(redis_url)?;
         let conn = client.get_connection_manager().await?;
         Ok(Self {
             conn,

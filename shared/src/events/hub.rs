@@ -80,7 +80,7 @@ impl EventHub {
         tracker: &TaskTracker,
         shutdown: CancellationToken,
     ) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::backends::redis_client(redis_url)?;
         let hub = Self {
             runs: Arc::default(),
         };

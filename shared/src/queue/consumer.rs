@@ -213,7 +213,7 @@ where
     Fut: Future<Output = Result<(), JobError>> + Send + 'static,
 {
     config.validate()?;
-    let client = redis::Client::open(config.redis_url.as_str())?;
+    let client = crate::backends::redis_client(config.redis_url.as_str())?;
     let mut queues = config.queues.clone();
     queues.sort();
     queues.dedup();

@@ -57,7 +57,7 @@ impl JobProducer {
     /// by itself after a Redis restart; a push made while Redis is down fails, and the run stays
     /// `queued` for the sweeper.
     pub async fn connect(redis_url: &str, prefix: &str) -> Result<Self, QueueError> {
-        let client = redis::Client::open(redis_url)?;
+        let client = crate::backends::redis_client(redis_url)?;
         let conn = ConnectionManager::new(client).await?;
         Ok(Self {
             conn,

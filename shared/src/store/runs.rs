@@ -66,19 +66,6 @@ pub async fn get(conn: impl PgExecutor<'_>, user: &UserId, id: &str) -> sqlx::Re
     .await
 }
 
-/// Any run by id: for the worker, which acts for whichever user the run belongs to.
-pub async fn get_unscoped(conn: impl PgExecutor<'_>, id: &str) -> sqlx::Result<Option<Run>> {
-    sqlx::query_as!(
-        Run,
-        r#"SELECT id, user_id, conversation_id, status, attempt, error, batch_id, idempotency_key,
-                  request_hash, cancel_requested, queued_at, started_at, finished_at
-           FROM runs WHERE id = $1"#,
-        id
-    )
-    .fetch_optional(conn)
-    .await
-}
-
 pub async fn by_idempotency_key(
     conn: impl PgExecutor<'_>,
     user: &UserId,
@@ -145,28 +132,56 @@ pub async fn position_in_conversation(
     Ok(n)
 }
 
-/// Claims the run for a new attempt by `worker`: a queued run, or a running one whose worker
-/// has been silent for `stale_after_secs` (it died). `None` when the run is not claimable.
-pub async fn start_attempt(
+/// What a worker finds when it tries to claim a run for a new attempt.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub user_id: String,
+    pub conversation_id: String,
+    /// The run's status before the claim (`running` means a takeover from a dead worker).
+    pub status: String,
+    pub cancel_requested: bool,
+    /// The new attempt's number, when this worker now holds the run.
+    pub attempt: Option<i32>,
+    /// The highest seq the run is known to have used: its stored events, or what its last
+    /// attempt's heartbeat recorded (the floor of this attempt's seqs).
+    pub max_seq: i64,
+}
+
+/// Claims a run for `worker` (one statement: the worker's pickup path is latency-critical).
+/// The claim succeeds if the run is `queued` and not cancelled, or `running` with a heartbeat
+/// older than `stale_after_secs` (its worker died), and no earlier run of its conversation is
+/// unfinished. `None` when the run does not exist.
+pub async fn claim(
     conn: impl PgExecutor<'_>,
     id: &str,
     worker: &str,
     stale_after_secs: f64,
-) -> sqlx::Result<Option<i32>> {
-    sqlx::query_scalar!(
-        r#"UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $2,
-                  started_at = COALESCE(started_at, now()), heartbeat_at = now()
-           WHERE id = $1 AND NOT cancel_requested
-             AND (status = 'queued'
-                  OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $3)))
-             -- Runs of one conversation execute in order: not before every earlier one ended.
-             AND NOT EXISTS (
-                 SELECT 1 FROM runs earlier
-                 WHERE earlier.conversation_id = runs.conversation_id
-                   AND (earlier.status = 'running'
-                        OR (earlier.status = 'queued' AND NOT earlier.cancel_requested))
-                   AND (earlier.queued_at, earlier.id) < (runs.queued_at, runs.id))
-           RETURNING attempt"#,
+) -> sqlx::Result<Option<Claim>> {
+    // The outer SELECT reads the statement's snapshot, taken before the UPDATE: it reports the
+    // status the claim started from.
+    sqlx::query_as!(
+        Claim,
+        r#"WITH claimed AS (
+               UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $2,
+                      started_at = COALESCE(started_at, now()), heartbeat_at = now()
+               WHERE id = $1 AND NOT cancel_requested
+                 AND (status = 'queued'
+                      OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $3)))
+                 -- Runs of one conversation execute in order: not before every earlier one ended.
+                 AND NOT EXISTS (
+                     SELECT 1 FROM runs earlier
+                     WHERE earlier.conversation_id = runs.conversation_id
+                       AND (earlier.status = 'running'
+                            OR (earlier.status = 'queued' AND NOT earlier.cancel_requested))
+                       AND (earlier.queued_at, earlier.id) < (runs.queued_at, runs.id))
+               RETURNING id, attempt)
+           SELECT r.user_id, r.conversation_id, r.status, r.cancel_requested,
+                  claimed.attempt AS "attempt?",
+                  GREATEST(r.seq_floor,
+                           (SELECT max(seq) FROM run_events e WHERE e.run_id = r.id))
+                      AS "max_seq!"
+           FROM runs r LEFT JOIN claimed ON claimed.id = r.id
+           WHERE r.id = $1"#,
         id,
         worker,
         stale_after_secs
@@ -242,12 +257,17 @@ pub async fn heartbeat(
     conn: impl PgExecutor<'_>,
     id: &str,
     attempt: i32,
+    worker: &str,
+    last_seq: i64,
 ) -> sqlx::Result<Option<bool>> {
     sqlx::query_scalar!(
-        r#"UPDATE runs SET heartbeat_at = now() WHERE id = $1 AND attempt = $2 AND status = 'running'
+        r#"UPDATE runs SET heartbeat_at = now(), seq_floor = GREATEST(seq_floor, $4)
+           WHERE id = $1 AND attempt = $2 AND worker = $3 AND status = 'running'
            RETURNING cancel_requested"#,
         id,
-        attempt
+        attempt,
+        worker,
+        last_seq
     )
     .fetch_optional(conn)
     .await
@@ -255,11 +275,18 @@ pub async fn heartbeat(
 
 /// Gives up a failed attempt's hold on the run so the next claim need not wait for its
 /// heartbeat to go stale.
-pub async fn release(conn: impl PgExecutor<'_>, id: &str, attempt: i32) -> sqlx::Result<()> {
+pub async fn release(
+    conn: impl PgExecutor<'_>,
+    id: &str,
+    attempt: i32,
+    worker: &str,
+) -> sqlx::Result<()> {
     sqlx::query!(
-        "UPDATE runs SET heartbeat_at = 'epoch' WHERE id = $1 AND attempt = $2 AND status = 'running'",
+        r#"UPDATE runs SET heartbeat_at = 'epoch'
+           WHERE id = $1 AND attempt = $2 AND worker = $3 AND status = 'running'"#,
         id,
-        attempt
+        attempt,
+        worker
     )
     .execute(conn)
     .await?;
@@ -315,4 +342,34 @@ pub async fn due_for_sweep(
     .fetch_all(conn)
     .await?;
     Ok(rows.into_iter().map(|r| (r.id, r.batch_id)).collect())
+}
+
+/// Ends `attempt` of a run held by `worker` with `status`, and touches its conversation. `false`
+/// (and nothing written) when the attempt no longer holds the run: a newer attempt took it over.
+/// The row lock this takes serialises the commit against a concurrent takeover.
+pub async fn finish_attempt(
+    conn: &mut PgConnection,
+    id: &str,
+    attempt: i32,
+    worker: &str,
+    status: &str,
+    error: Option<&Value>,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar!(
+        r#"WITH finished AS (
+               UPDATE runs SET status = $4, error = $5, finished_at = now(), worker = NULL
+               WHERE id = $1 AND attempt = $2 AND worker = $3 AND status = 'running'
+               RETURNING conversation_id),
+           touched AS (
+               UPDATE conversations SET updated_at = now()
+               WHERE id IN (SELECT conversation_id FROM finished))
+           SELECT EXISTS (SELECT 1 FROM finished) AS "finished!""#,
+        id,
+        attempt,
+        worker,
+        status,
+        error
+    )
+    .fetch_one(conn)
+    .await
 }

@@ -1,7 +1,13 @@
 //! A run attempt's event writer: publishes events in order, remembers the durable ones for
 //! the final commit, and coalesces text deltas.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use conveyor_shared::{
     events::{EventBus, EventError, RunEvent, StoredEvent},
@@ -14,6 +20,8 @@ pub struct Emitter {
     bus: EventBus,
     run_id: RunId,
     last_seq: Seq,
+    /// `last_seq`, readable by the attempt's heartbeat while the agent loop holds the emitter.
+    published: Arc<AtomicU64>,
     durable: Vec<StoredEvent>,
     coalesce: Duration,
     pending: String,
@@ -31,6 +39,7 @@ impl Emitter {
             bus,
             run_id,
             last_seq: floor,
+            published: Arc::new(AtomicU64::new(floor)),
             durable: Vec::new(),
             coalesce,
             pending: String::new(),
@@ -53,6 +62,11 @@ impl Emitter {
         self.last_seq
     }
 
+    /// A live view of [`Self::last_seq`] for another task.
+    pub fn published_seq(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.published)
+    }
+
     /// Durable events of this attempt, for `run_events`.
     pub fn durable(&self) -> &[StoredEvent] {
         &self.durable
@@ -67,6 +81,7 @@ impl Emitter {
     async fn publish(&mut self, event: &RunEvent) -> Result<Seq, EventError> {
         let seq = self.bus.publish(&self.run_id, event, self.last_seq).await?;
         self.last_seq = seq;
+        self.published.store(seq, Ordering::Relaxed);
         if event.kind().is_durable() {
             self.durable.push(StoredEvent {
                 seq,
