@@ -135,6 +135,7 @@ impl Args {
             worker_concurrency: self.worker_concurrency.max(users),
             fake_llm_args,
             quiet: !self.logs,
+            log_file: None,
             // The benchmark measures the pipeline, not the per-user limits.
             env: vec![
                 ("RATE_LIMIT_PER_MINUTE".to_owned(), "0".to_owned()),

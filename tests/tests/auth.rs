@@ -145,3 +145,70 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
     assert_eq!(stack.get_json("/readyz").await?.0, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn secrets_tokens_and_message_bodies_stay_out_of_the_logs() -> anyhow::Result<()> {
+    let log = std::env::temp_dir().join(format!("conveyor-e2e-{}.log", ulid::Ulid::new()));
+    let stack = Stack::start(StackOptions {
+        env: vec![
+            ("JWT_SECRET".into(), SECRET.into()),
+            ("RUST_LOG".into(), "info".into()),
+        ],
+        log_file: Some(log.clone()),
+        ..StackOptions::default()
+    })
+    .await?;
+    let valid = token(SECRET, &json!({"sub": "lena", "exp": now() + 300}));
+    let marker = "zebra-4417-quokka";
+    // A tool-call turn whose message, tool arguments, tool result and answer all carry the
+    // marker, followed to its end.
+    let mut sse = conveyor_e2e::harness::SseStream::open(
+        stack
+            .http
+            .post(stack.url("/api/lena/chat"))
+            .bearer_auth(&valid)
+            .json(&json!({ "message": format!("add {marker}") })),
+    )
+    .await?;
+    let events = sse
+        .collect_until_terminal(std::time::Duration::from_mins(1))
+        .await?;
+    assert_eq!(events.last().unwrap().event, "run.completed", "{events:?}");
+    // Refused requests: a wrong token, and a body that fails validation.
+    let forged = token(
+        "not-the-secret",
+        &json!({"sub": "lena", "exp": now() + 300}),
+    );
+    let refused = stack
+        .http
+        .get(stack.url("/api/lena/conversations"))
+        .bearer_auth(&forged)
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 401);
+    let refused = stack
+        .http
+        .post(stack.url("/api/lena/chat"))
+        .bearer_auth(&valid)
+        .json(&json!({ "message": marker, "extra": marker }))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 422);
+    drop(stack);
+
+    let logs = std::fs::read_to_string(&log)?;
+    std::fs::remove_file(&log)?;
+    // The capture works: both services logged this turn at info.
+    assert!(logs.contains("turn accepted"), "{logs}");
+    assert!(logs.contains("run finished"), "{logs}");
+    for (what, secret) in [
+        ("the message text", marker),
+        ("the JWT secret", SECRET),
+        ("a bearer token", valid.as_str()),
+        ("a forged token", forged.as_str()),
+        ("the LLM API key", "test-key"),
+    ] {
+        assert!(!logs.contains(secret), "{what} was logged:\n{logs}");
+    }
+    Ok(())
+}

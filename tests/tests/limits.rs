@@ -60,3 +60,61 @@ async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<(
     assert_eq!(stack.get_json("/api/noah/conversations").await?.0, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn limits_hold_across_two_api_replicas_sharing_redis_and_postgres() -> anyhow::Result<()> {
+    let mut stack = Stack::start(StackOptions {
+        workers: 0,
+        env: vec![
+            ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
+            ("MAX_ACTIVE_RUNS_PER_USER".into(), "2".into()),
+        ],
+        ..StackOptions::default()
+    })
+    .await?;
+    let second = stack.add_api().await?;
+    let apis = [stack.api_url.clone(), second];
+    let post = |api: &str, message: &str| {
+        stack
+            .http
+            .post(format!("{api}/api/mia/chat"))
+            .header("accept", "application/json")
+            .json(&json!({ "message": message }))
+            .send()
+    };
+    // One run through each replica; the third, on either, is over the limit of 2.
+    assert_eq!(post(&apis[0], "one").await?.status(), 202);
+    assert_eq!(post(&apis[1], "two").await?.status(), 202);
+    for api in &apis {
+        let refused = post(api, "three").await?;
+        assert_eq!(refused.status(), 429, "{api}");
+        let body: serde_json::Value = refused.json().await?;
+        assert_eq!(body["error"]["code"], "rate_limited");
+    }
+    let db = stack.db.pool().await?;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE user_id = 'mia'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(runs, 2, "nothing written for the refused turns");
+
+    // 4 of mia's 6 requests this minute are used, spread over both replicas: two more pass
+    // (one on each), then both refuse.
+    for api in &apis {
+        let listed = stack
+            .http
+            .get(format!("{api}/api/mia/conversations"))
+            .send()
+            .await?;
+        assert_eq!(listed.status(), 200, "{api}");
+    }
+    for api in &apis {
+        let refused = stack
+            .http
+            .get(format!("{api}/api/mia/conversations"))
+            .send()
+            .await?;
+        assert_eq!(refused.status(), 429, "{api}");
+        assert!(refused.headers().get("retry-after").is_some());
+    }
+    Ok(())
+}

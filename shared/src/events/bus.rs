@@ -16,6 +16,10 @@ use crate::ids::{RunId, Seq};
 /// How long a live run's buffer is kept before its end (a safety net for runs that never end).
 const LIVE_TTL: Duration = Duration::from_hours(24);
 
+/// How far seqs jump when a run's counter is found lost (see the script). Larger than the
+/// events an attempt can publish between two heartbeats (deltas are coalesced).
+const LOST_COUNTER_GAP: Seq = 10_000;
+
 /// A Redis failure of the event bus.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -32,8 +36,15 @@ local seq
 if mode == 'at' then
   seq = tonumber(ARGV[2])
 else
-  local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+  local stored = redis.call('GET', KEYS[1])
+  local cur = tonumber(stored or '0')
   local floor = tonumber(ARGV[2])
+  if not stored and floor > 1 then
+    -- The counter of a run already under way is gone: Redis lost its data. The caller's floor
+    -- can lag the seqs already handed out (a takeover knows only the last heartbeat's), so
+    -- leave a gap rather than hand a seq out twice.
+    floor = floor + tonumber(ARGV[8])
+  end
   if cur < floor then cur = floor end
   if mode == 'reserve' then
     local n = tonumber(ARGV[3])
@@ -148,6 +159,7 @@ impl EventBus {
             .arg("")
             .arg("")
             .arg(LIVE_TTL.as_secs())
+            .arg(LOST_COUNTER_GAP)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(seq)
@@ -180,6 +192,7 @@ impl EventBus {
             .arg(run_id.as_str())
             .arg(self.channel())
             .arg(ttl.as_secs().max(1))
+            .arg(LOST_COUNTER_GAP)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(seq)

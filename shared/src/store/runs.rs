@@ -190,19 +190,26 @@ pub async fn claim(
     .await
 }
 
-/// The conversation's next run waiting for its turn, with its batch (to pick the queue).
+/// The conversation's next run waiting for its turn, with its batch (to pick the queue):
+/// its first unfinished run, if that one is queued.
 pub async fn next_in_conversation(
     conn: impl PgExecutor<'_>,
     conversation_id: &str,
 ) -> sqlx::Result<Option<(String, Option<String>)>> {
+    // Shaped to walk `runs_conversation_active` (conversation_id, queued_at, id). With
+    // `status = 'queued' ORDER BY queued_at` alone, a cached generic plan may instead walk
+    // every queued run of every conversation in queue order, dead index entries included.
     let row = sqlx::query!(
-        r#"SELECT id, batch_id FROM runs WHERE conversation_id = $1 AND status = 'queued'
-           ORDER BY queued_at, id LIMIT 1"#,
+        r#"SELECT id, batch_id, status FROM runs
+           WHERE conversation_id = $1 AND status IN ('queued', 'running')
+           ORDER BY conversation_id, queued_at, id LIMIT 1"#,
         conversation_id
     )
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|r| (r.id, r.batch_id)))
+    Ok(row
+        .filter(|r| r.status == "queued")
+        .map(|r| (r.id, r.batch_id)))
 }
 
 /// Locks the user's run for a status change.

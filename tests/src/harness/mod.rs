@@ -133,8 +133,10 @@ pub struct StackOptions {
     pub fake_llm_args: Vec<String>,
     /// Extra environment for the API and workers.
     pub env: Vec<(String, String)>,
-    /// Build flavour to run (`debug` unless the caller runs from a release build).
+    /// Discard the services' logs (unless `CONVEYOR_TEST_LOGS` is set).
     pub quiet: bool,
+    /// Append the API's and workers' logs (stderr) to this file instead.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Default for StackOptions {
@@ -145,6 +147,7 @@ impl Default for StackOptions {
             fake_llm_args: Vec::new(),
             env: Vec::new(),
             quiet: std::env::var_os("CONVEYOR_TEST_LOGS").is_none(),
+            log_file: None,
         }
     }
 }
@@ -186,6 +189,8 @@ pub struct Stack {
     services_redis_url: String,
     services_database_url: String,
     api: Child,
+    /// More API replicas on the same backends ([`Stack::add_api`]).
+    more_apis: Vec<Child>,
     workers: Vec<Child>,
     fake_llm: Child,
     options: StackOptions,
@@ -250,6 +255,7 @@ impl Stack {
         let api_addr = free_addr();
         let mut stack = Self {
             api: spawn_api(&options, &services, api_addr)?,
+            more_apis: Vec::new(),
             workers: Vec::new(),
             fake_llm,
             db,
@@ -346,22 +352,38 @@ impl Stack {
     }
 
     async fn wait_healthy(&self) -> anyhow::Result<()> {
+        self.wait_ready(&self.api_url).await
+    }
+
+    async fn wait_ready(&self, api_url: &str) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok(response) = self
-                .http
-                .get(format!("{}/readyz", self.api_url))
-                .send()
-                .await
+            if let Ok(response) = self.http.get(format!("{api_url}/readyz")).send().await
                 && response.status().is_success()
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("the API did not become ready");
+                bail!("the API at {api_url} did not become ready");
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Starts another API process on the same Postgres and Redis (a second replica behind a
+    /// load balancer, say) and returns its base URL once it is ready.
+    pub async fn add_api(&mut self) -> anyhow::Result<String> {
+        let addr = free_addr();
+        let services = Services {
+            database_url: &self.services_database_url,
+            redis_url: &self.services_redis_url,
+            redis_prefix: &self.redis_prefix,
+        };
+        self.more_apis
+            .push(spawn_api(&self.options, &services, addr)?);
+        let url = format!("http://{addr}");
+        self.wait_ready(&url).await?;
+        Ok(url)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -430,7 +452,16 @@ fn common_env(cmd: &mut Command, options: &StackOptions, services: &Services<'_>
         .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    if options.quiet {
+    let log_file = options.log_file.as_ref().map(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open the services' log file")
+    });
+    if let Some(file) = log_file {
+        cmd.stderr(file);
+    } else if options.quiet {
         cmd.stderr(Stdio::null());
     }
 }
@@ -451,6 +482,7 @@ impl Drop for Stack {
         for child in self
             .workers
             .iter_mut()
+            .chain(&mut self.more_apis)
             .chain([&mut self.api, &mut self.fake_llm])
         {
             let _ = child.start_kill();

@@ -87,7 +87,14 @@ impl Agent {
         cancel: &CancellationToken,
         partial: &mut AgentOutput,
     ) -> Result<(), TurnError> {
-        let journal = run_steps::list(&self.db, scope.run_id).await?;
+        // Only an earlier attempt can have journaled anything. (A journal row is committed
+        // after the claim that numbered its attempt, so if Postgres lost that claim, it lost
+        // the row too, and the attempt number that comes back is 1 again.)
+        let journal = if scope.attempt > 1 {
+            run_steps::list(&self.db, scope.run_id).await?
+        } else {
+            Vec::new()
+        };
         let tools = self.mcp.openai_tools();
         let mut step_index: i32 = 0;
         for _ in 0..self.max_turns {
