@@ -59,6 +59,15 @@ pub async fn run(
 ) -> Result<(), WorkerError> {
     let common = &config.common;
     let Backends { db, bus, producer } = Backends::connect(common).await?;
+    // Every LLM request of every worker takes its permit here (a no-op without limits).
+    let limiter = LlmLimiter::connect(
+        common.redis_url.expose(),
+        &common.redis_prefix,
+        config.llm.provider.name(),
+        &config.llm.model,
+        config.llm_limits,
+    )
+    .await?;
 
     let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
@@ -92,14 +101,6 @@ pub async fn run(
             }
         });
     }
-    let limiter = LlmLimiter::connect(
-        common.redis_url.expose(),
-        &common.redis_prefix,
-        config.llm.provider.name(),
-        &config.llm.model,
-        config.llm_limits,
-    )
-    .await?;
     // The MCP servers stop only after the consumers: on SIGTERM, runs finishing within the
     // shutdown grace still call tools. Stopping the pool with `shutdown` killed the servers at
     // the signal, so those runs got "tool server failed" errors and their side effects were lost.
