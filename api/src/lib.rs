@@ -6,6 +6,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod limits;
+pub mod metrics;
 mod routes;
 pub mod services;
 pub mod sse;
@@ -120,11 +121,13 @@ pub async fn serve(
     )?;
     let sweep_interval = config.sweep_interval;
     let auth = auth::Authenticator::new(&config.auth)?;
+    let metrics = metrics::ApiMetrics::new();
     let limits = limits::Limits::connect(
         common.redis_url.expose(),
         &common.redis_prefix,
         config.rate_limit_per_minute,
         config.max_sse_streams_per_user,
+        metrics.sse_streams.clone(),
     )
     .await?;
     if !auth.is_enabled() {
@@ -139,6 +142,7 @@ pub async fn serve(
         producer,
         auth,
         limits,
+        metrics,
         config: Arc::new(config),
     };
     tracker.spawn(sweeper::run(

@@ -9,6 +9,7 @@ use std::{
 };
 
 use conveyor_shared::ids::UserId;
+use prometheus_client::metrics::gauge::Gauge;
 use redis::aio::ConnectionManager;
 
 use crate::error::ApiError;
@@ -30,6 +31,8 @@ pub struct Limits {
     max_streams: u32,
     script: redis::Script,
     streams: Arc<Mutex<HashMap<String, u32>>>,
+    /// Open streams of all users (the `conveyor_sse_streams_active` metric).
+    open_streams: Gauge,
 }
 
 impl std::fmt::Debug for Limits {
@@ -46,6 +49,7 @@ impl Limits {
         prefix: &str,
         per_minute: u32,
         max_streams: u32,
+        open_streams: Gauge,
     ) -> Result<Self, redis::RedisError> {
         let redis = conveyor_shared::backends::redis_client(redis_url)?
             .get_connection_manager()
@@ -57,6 +61,7 @@ impl Limits {
             max_streams,
             script: redis::Script::new(RATE_SCRIPT),
             streams: Arc::default(),
+            open_streams,
         })
     }
 
@@ -105,9 +110,11 @@ impl Limits {
             });
         }
         *open += 1;
+        self.open_streams.inc();
         Ok(StreamGuard {
             streams: self.streams.clone(),
             user: user.to_string(),
+            open_streams: self.open_streams.clone(),
         })
     }
 }
@@ -117,10 +124,12 @@ impl Limits {
 pub struct StreamGuard {
     streams: Arc<Mutex<HashMap<String, u32>>>,
     user: String,
+    open_streams: Gauge,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.open_streams.dec();
         let mut streams = self
             .streams
             .lock()

@@ -9,7 +9,7 @@ use conveyor_shared::{
 };
 use sqlx::PgPool;
 
-use crate::{auth::Authenticator, limits::Limits};
+use crate::{auth::Authenticator, limits::Limits, metrics::ApiMetrics};
 
 /// Shared application state. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -20,5 +20,6 @@ pub struct AppState {
     pub producer: JobProducer,
     pub auth: Authenticator,
     pub limits: Limits,
+    pub metrics: ApiMetrics,
     pub config: Arc<ApiConfig>,
 }

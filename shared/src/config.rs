@@ -9,7 +9,7 @@ use std::{
     collections::HashMap, fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration,
 };
 
-use crate::llm::LlmSettings;
+use crate::llm::{LimitSettings, LlmSettings};
 
 /// A configuration error; its message names the variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -322,8 +322,13 @@ pub struct WorkerConfig {
     pub llm: LlmSettings,
     /// `MCP_SERVERS_FILE`: an `mcpServers` JSON file; unset → the bundled `conveyor-mcp`.
     pub mcp_servers_file: Option<PathBuf>,
-    /// `WORKER_METRICS_ADDR`: where the worker serves `/metrics`; unset → not served.
+    /// `WORKER_METRICS_ADDR`: where the worker serves `/metrics` and `/healthz`; unset → not
+    /// served (several workers on one host cannot share a fixed default port).
     pub metrics_addr: Option<SocketAddr>,
+    /// `LLM_RATE_LIMIT_RPM`, `LLM_MAX_CONCURRENT` (unset or 0 = unlimited) and
+    /// `LLM_RATE_LIMIT_MAX_WAIT_SECS` (default 120): the provider's limits, shared by all
+    /// workers through Redis.
+    pub llm_limits: LimitSettings,
     /// `AGENT_MAX_TURNS` (default 10): LLM calls per run before it fails.
     pub max_turns: u32,
     /// `AGENT_HISTORY_WINDOW` (default 40): stored messages sent to the model.
@@ -360,6 +365,7 @@ impl WorkerConfig {
             llm: LlmSettings::from_env(env)?,
             mcp_servers_file: env.get("MCP_SERVERS_FILE").map(PathBuf::from),
             metrics_addr,
+            llm_limits: llm_limits(env)?,
             max_turns,
             history_window: parsed(env, "AGENT_HISTORY_WINDOW", 40, "a positive number")?,
             mcp_call_timeout: seconds(env, "MCP_CALL_TIMEOUT_SECS", 30)?,
@@ -371,6 +377,33 @@ impl WorkerConfig {
             shutdown_grace: seconds(env, "SHUTDOWN_GRACE_SECS", 30)?,
         })
     }
+}
+
+/// Reads the shared LLM rate limits; 0 or unset means no limit.
+fn llm_limits(env: &dyn Env) -> Result<LimitSettings, ConfigError> {
+    let limit = |var: &str| {
+        parsed(env, var, 0u32, "a whole number (0 or unset = unlimited)")
+            .map(|n| (n > 0).then_some(n))
+    };
+    let max_wait = parsed(
+        env,
+        "LLM_RATE_LIMIT_MAX_WAIT_SECS",
+        120u64,
+        "a number of seconds from 1 to 3600",
+    )
+    .and_then(|n| {
+        in_range(
+            n,
+            1..=3600,
+            "LLM_RATE_LIMIT_MAX_WAIT_SECS",
+            "a number of seconds from 1 to 3600",
+        )
+    })?;
+    Ok(LimitSettings {
+        requests_per_minute: limit("LLM_RATE_LIMIT_RPM")?,
+        max_concurrent: limit("LLM_MAX_CONCURRENT")?,
+        max_wait: Duration::from_secs(max_wait),
+    })
 }
 
 #[cfg(test)]
@@ -458,6 +491,32 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("AGENT_MAX_TURNS"), "{err}");
+    }
+
+    #[test]
+    fn llm_limits_default_to_unlimited_and_reject_bad_values() {
+        let base = [("DATABASE_URL", "x"), ("LLM_PROVIDER", "ollama")];
+        let config = WorkerConfig::from_env(&env(&base)).unwrap();
+        assert!(config.llm_limits.is_unlimited());
+
+        let mut pairs = base.to_vec();
+        pairs.extend([("LLM_RATE_LIMIT_RPM", "500"), ("LLM_MAX_CONCURRENT", "0")]);
+        let config = WorkerConfig::from_env(&env(&pairs)).unwrap();
+        assert_eq!(config.llm_limits.requests_per_minute, Some(500));
+        assert_eq!(config.llm_limits.max_concurrent, None);
+
+        for (var, value) in [
+            ("LLM_RATE_LIMIT_RPM", "-1"),
+            ("LLM_MAX_CONCURRENT", "lots"),
+            ("LLM_RATE_LIMIT_MAX_WAIT_SECS", "0"),
+        ] {
+            let mut pairs = base.to_vec();
+            pairs.push((var, value));
+            let err = WorkerConfig::from_env(&env(&pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(var), "{err}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod domain;
 pub mod events;
 pub mod ids;
 pub mod llm;
+pub mod metrics;
 pub mod queue;
 pub mod run_control;
 pub mod shutdown;

@@ -19,9 +19,13 @@ use conveyor_shared::{
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentOutput, Emitter, LlmError, RunScope, TurnError, history_messages};
+use crate::{
+    agent::{Agent, AgentOutput, Emitter, LlmError, RunScope, TurnError, history_messages},
+    metrics::{TurnMetrics, TurnOutcome},
+};
 
 /// Attempts a run gets before a transient failure becomes final.
 pub const MAX_RUN_ATTEMPTS: i32 = 5;
@@ -40,6 +44,7 @@ pub struct RunExecutor {
     pub worker_name: String,
     pub history_window: i64,
     pub delta_coalesce: Duration,
+    pub turns: TurnMetrics,
 }
 
 /// How an attempt ended.
@@ -120,6 +125,23 @@ impl RunExecutor {
         run_id: &RunId,
         attempt: i32,
     ) -> Result<(), ExecError> {
+        let started = Instant::now();
+        let result = self.run_attempt(run, run_id, attempt).await;
+        let outcome = match &result {
+            Ok(outcome) => *outcome,
+            Err(_) => TurnOutcome::Retried,
+        };
+        self.turns.finished(outcome, started.elapsed());
+        result.map(drop)
+    }
+
+    /// The body of [`Self::run_claimed`]; says how the attempt ended.
+    async fn run_attempt(
+        &self,
+        run: &runs::Claim,
+        run_id: &RunId,
+        attempt: i32,
+    ) -> Result<TurnOutcome, ExecError> {
         let floor = u64::try_from(run.max_seq).unwrap_or(0);
         let mut emitter =
             Emitter::new(self.bus.clone(), run_id.clone(), floor, self.delta_coalesce);
@@ -157,7 +179,7 @@ impl RunExecutor {
         let published = emitter.published_seq();
         let result = tokio::select! {
             result = self.agent.run(scope, history_messages(&history), &mut emitter, &cancel, &mut output) => result,
-            stale = self.heartbeat(run_id, attempt, &published, &cancel) => return stale,
+            stale = self.heartbeat(run_id, attempt, &published, &cancel) => return stale.map(|()| TurnOutcome::Retried),
         };
         let outcome = match result {
             Ok(()) => Outcome::Completed(output),
@@ -199,7 +221,13 @@ impl RunExecutor {
                 return Err(ExecError::Transient(reason));
             }
         };
-        self.commit(run, attempt, &mut emitter, outcome).await
+        let ended = match &outcome {
+            Outcome::Completed(_) => TurnOutcome::Completed,
+            Outcome::Failed(..) => TurnOutcome::Failed,
+            Outcome::Cancelled(_) => TurnOutcome::Cancelled,
+        };
+        self.commit(run, attempt, &mut emitter, outcome).await?;
+        Ok(ended)
     }
 
     /// Keeps the run's heartbeat fresh while the attempt runs and turns a requested cancel

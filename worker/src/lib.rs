@@ -5,15 +5,16 @@
 pub mod agent;
 pub mod execution;
 pub mod mcp;
+pub mod metrics;
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use conveyor_shared::{
     backends::Backends,
     config::WorkerConfig,
     db::CommitMode,
-    llm::build_client,
-    queue::{ConsumerConfig, QueueName, run_consumers, unique_worker_name},
+    llm::{LlmLimiter, build_client},
+    queue::{ConsumerConfig, ConsumerMetrics, QueueName, run_consumers, unique_worker_name},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -21,6 +22,7 @@ use crate::{
     agent::{Agent, RetryPolicy},
     execution::RunExecutor,
     mcp::McpPool,
+    metrics::WorkerMetrics,
 };
 
 /// How this worker process consumes (from the command line).
@@ -41,6 +43,13 @@ pub enum WorkerError {
     Servers(#[from] mcp::ServersFileError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error("the LLM rate limiter cannot reach Redis (REDIS_URL): {0}")]
+    Limiter(#[from] redis::RedisError),
+    #[error("cannot serve metrics on WORKER_METRICS_ADDR {addr}: {source}")]
+    MetricsBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Runs the worker until `shutdown` is cancelled, then finishes or hands back in-flight runs.
@@ -52,14 +61,59 @@ pub async fn run(
     let common = &config.common;
     let Backends { db, bus, producer } =
         Backends::connect(common, CommitMode::Asynchronous).await?;
+    // Every LLM request of every worker takes its permit here (a no-op without limits).
+    let limiter = LlmLimiter::connect(
+        common.redis_url.expose(),
+        &common.redis_prefix,
+        config.llm.provider.name(),
+        &config.llm.model,
+        config.llm_limits,
+    )
+    .await?;
 
     let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
+
+    let mut consumer = ConsumerConfig::new(
+        common.redis_url.expose(),
+        &common.redis_prefix,
+        String::new(),
+    );
+    consumer.queues = options.queues;
+    consumer.concurrency = options.concurrency;
+    consumer.batch_concurrency = options.concurrency.div_ceil(2);
+    consumer.shutdown_grace = config.shutdown_grace;
+    consumer.metrics = Arc::new(ConsumerMetrics::default());
+    let slots = consumer
+        .queues
+        .iter()
+        .map(|queue| (*queue, consumer.concurrency_of(*queue)))
+        .collect();
+    let metrics = WorkerMetrics::new(Arc::clone(&consumer.metrics), slots);
+    // The metrics server stops with the process, after the consumers have drained.
+    let metrics_shutdown = CancellationToken::new();
+    if let Some(addr) = config.metrics_addr {
+        let listener = metrics::bind(addr).await?;
+        tracing::info!(%addr, "worker metrics listening");
+        let metrics = metrics.clone();
+        let stop = metrics_shutdown.clone();
+        tracker.spawn(async move {
+            if let Err(error) = metrics::serve(listener, metrics, stop).await {
+                tracing::error!(%error, "worker metrics server failed");
+            }
+        });
+    }
     // The MCP servers stop only after the consumers: on SIGTERM, runs finishing within the
     // shutdown grace still call tools. Stopping the pool with `shutdown` killed the servers at
     // the signal, so those runs got "tool server failed" errors and their side effects were lost.
     let mcp_shutdown = CancellationToken::new();
-    let mcp = McpPool::start(servers, config.mcp_call_timeout, &tracker, &mcp_shutdown);
+    let mcp = McpPool::start(
+        servers,
+        config.mcp_call_timeout,
+        &metrics.mcp,
+        &tracker,
+        &mcp_shutdown,
+    );
     mcp.wait_started(Duration::from_secs(15)).await;
 
     let http = reqwest::Client::builder()
@@ -68,6 +122,8 @@ pub async fn run(
         .build()?;
     let agent = Agent {
         llm: build_client(&config.llm, http),
+        limiter,
+        metrics: metrics.llm.clone(),
         model: config.llm.model.clone(),
         mcp,
         db: db.clone(),
@@ -88,15 +144,11 @@ pub async fn run(
         worker_name: worker_name.clone(),
         history_window: i64::from(config.history_window),
         delta_coalesce: config.delta_coalesce,
+        turns: metrics.turns.clone(),
     };
     tracing::info!(worker = %worker_name, provider = %config.llm.provider, model = %config.llm.model, concurrency = options.concurrency, "worker started");
 
-    let mut consumer =
-        ConsumerConfig::new(common.redis_url.expose(), &common.redis_prefix, worker_name);
-    consumer.queues = options.queues;
-    consumer.concurrency = options.concurrency;
-    consumer.batch_concurrency = options.concurrency.div_ceil(2);
-    consumer.shutdown_grace = config.shutdown_grace;
+    consumer.worker_name = worker_name;
     let result = run_consumers(
         consumer,
         move |job| {
@@ -108,6 +160,7 @@ pub async fn run(
     .await;
     shutdown.cancel();
     mcp_shutdown.cancel();
+    metrics_shutdown.cancel();
     tracker.close();
     tracker.wait().await;
     result.map_err(Into::into)

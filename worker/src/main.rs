@@ -21,6 +21,9 @@ struct Args {
     /// Runs executed at once by this process.
     #[arg(long, default_value_t = 16, env = "WORKER_CONCURRENCY")]
     concurrency: usize,
+    /// Serve Prometheus `/metrics` and `/healthz` here (overrides WORKER_METRICS_ADDR).
+    #[arg(long, value_name = "ADDR")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -28,7 +31,10 @@ async fn main() -> anyhow::Result<()> {
     conveyor_shared::telemetry::init_tracing();
     let args = Args::parse();
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
-    let config = WorkerConfig::from_env(&ProcessEnv::load())?;
+    let mut config = WorkerConfig::from_env(&ProcessEnv::load())?;
+    if args.metrics_addr.is_some() {
+        config.metrics_addr = args.metrics_addr;
+    }
     let options = WorkerOptions {
         queues: args.queues,
         concurrency: args.concurrency,

@@ -3,6 +3,7 @@
 mod chat;
 mod conversations;
 mod health;
+mod metrics;
 mod page;
 mod runs;
 
@@ -28,6 +29,7 @@ pub fn router() -> Router<AppState> {
         .route("/", get(page::index))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/{user_id}/chat", post(chat::create))
         .route("/api/{user_id}/runs/{run_id}", get(runs::get))
         .route("/api/{user_id}/runs/{run_id}/events", get(runs::events))

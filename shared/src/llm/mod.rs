@@ -4,7 +4,9 @@
 //! the base URL, the key's variable and the default model differ.
 
 mod client;
+pub mod limiter;
 mod provider;
 
 pub use client::{LlmClient, LlmHttpError, build_client};
+pub use limiter::{AcquireError, LimitSettings, LlmLimiter, Permit};
 pub use provider::{LlmSettings, Provider};

@@ -181,7 +181,8 @@ impl ConsumerConfig {
         Ok(())
     }
 
-    fn concurrency_of(&self, queue: QueueName) -> usize {
+    /// Jobs run at once on `queue`.
+    pub fn concurrency_of(&self, queue: QueueName) -> usize {
         match queue {
             QueueName::Batch if self.queues.contains(&QueueName::Chat) => self.batch_concurrency,
             QueueName::Chat | QueueName::Batch => self.concurrency,

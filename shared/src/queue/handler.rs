@@ -81,7 +81,9 @@ where
                 task_id,
             );
             metrics.job_started();
+            let busy = metrics.busy(queue);
             let outcome = OwnedTask(tracker.spawn(handler(job).instrument(span.clone()))).await;
+            drop(busy);
 
             let _entered = span.enter();
             let reason = match outcome {

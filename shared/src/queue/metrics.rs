@@ -15,6 +15,8 @@ use redis::{
 };
 use std::sync::Arc;
 
+use super::QueueName;
+
 /// `fetch_next.lua` is the only apalis-redis 1.0 script called with seven keys (push: 6,
 /// results: 5, leases/orphans: 3–5, heartbeat: 1, register: 2).
 const FETCH_SCRIPT_KEYS: &[u8] = b"7";
@@ -31,6 +33,8 @@ pub struct ConsumerMetrics {
     jobs_retried: AtomicU64,
     jobs_dead: AtomicU64,
     worker_restarts: AtomicU64,
+    busy_chat: AtomicU64,
+    busy_batch: AtomicU64,
 }
 
 /// A copy of the counters at one instant.
@@ -51,6 +55,10 @@ pub struct ConsumerMetricsSnapshot {
     pub jobs_dead: u64,
     /// Times an apalis worker stopped on an error and was started again.
     pub worker_restarts: u64,
+    /// Handlers running right now on the chat queue.
+    pub busy_chat: u64,
+    /// Handlers running right now on the batch queue.
+    pub busy_batch: u64,
 }
 
 impl ConsumerMetrics {
@@ -65,6 +73,8 @@ impl ConsumerMetrics {
             jobs_retried: get(&self.jobs_retried),
             jobs_dead: get(&self.jobs_dead),
             worker_restarts: get(&self.worker_restarts),
+            busy_chat: get(&self.busy_chat),
+            busy_batch: get(&self.busy_batch),
         }
     }
 
@@ -83,6 +93,22 @@ impl ConsumerMetrics {
     pub(crate) fn job_dead(&self) {
         self.jobs_dead.fetch_add(1, Ordering::Relaxed);
     }
+    /// Marks a handler of `queue` running until the returned guard drops.
+    pub(crate) fn busy(self: &Arc<Self>, queue: QueueName) -> BusySlot {
+        self.busy_counter(queue).fetch_add(1, Ordering::Relaxed);
+        BusySlot {
+            metrics: Arc::clone(self),
+            queue,
+        }
+    }
+
+    fn busy_counter(&self, queue: QueueName) -> &AtomicU64 {
+        match queue {
+            QueueName::Chat => &self.busy_chat,
+            QueueName::Batch => &self.busy_batch,
+        }
+    }
+
     pub(crate) fn worker_restarted(&self) {
         self.worker_restarts.fetch_add(1, Ordering::Relaxed);
     }
@@ -95,6 +121,20 @@ impl ConsumerMetrics {
         {
             self.fetches.fetch_add(1, Ordering::Relaxed);
         }
+    }
+}
+
+/// A running handler's place in the busy count.
+pub(crate) struct BusySlot {
+    metrics: Arc<ConsumerMetrics>,
+    queue: QueueName,
+}
+
+impl Drop for BusySlot {
+    fn drop(&mut self) {
+        self.metrics
+            .busy_counter(self.queue)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -17,11 +17,13 @@
 //! - [`producer`]: [`JobProducer`], used by the API handlers and the sweeper.
 //! - [`consumer`]: [`run_consumers`] and its [`ConsumerConfig`], used by the worker.
 //! - [`metrics`]: counters a worker can export ([`ConsumerMetrics`]).
+//! - [`stats`]: the backlog of each queue ([`JobProducer::stats`]), for the API's metrics.
 
 pub mod consumer;
 mod handler;
 pub mod metrics;
 pub mod producer;
+pub mod stats;
 mod wakeup;
 
 use std::{fmt, str::FromStr};
@@ -31,6 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use consumer::{ConsumerConfig, run_consumers, unique_worker_name};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
 pub use producer::JobProducer;
+pub use stats::QueueStats;
 
 /// The job: a run to execute. The payload is only the id; the run's state lives in Postgres.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]

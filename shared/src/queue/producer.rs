@@ -99,6 +99,21 @@ impl JobProducer {
     }
 }
 
+impl JobProducer {
+    /// The backlog of every queue, for the metrics.
+    pub async fn stats(&self) -> Result<Vec<super::QueueStats>, QueueError> {
+        let mut conn = self.conn.clone();
+        let mut all = Vec::with_capacity(2);
+        for (name, queue) in [
+            (QueueName::Chat, &self.chat),
+            (QueueName::Batch, &self.batch),
+        ] {
+            all.push(super::stats::read(&mut conn, &queue.config, name).await?);
+        }
+        Ok(all)
+    }
+}
+
 impl StaleConnection for apalis_redis::Error {
     fn is_stale_connection(&self) -> bool {
         matches!(self, Self::Database(error) if error.is_stale_connection())

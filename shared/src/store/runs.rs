@@ -380,3 +380,32 @@ pub async fn finish_attempt(
     .fetch_one(conn)
     .await
 }
+
+/// Unfinished runs by status (`queued`, `running`) and the age of the oldest queued one, for
+/// the metrics. Served by the partial index on active runs, so it stays cheap however many
+/// finished runs the table holds.
+pub async fn active_counts(conn: impl PgExecutor<'_>) -> sqlx::Result<ActiveCounts> {
+    let row = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'queued') AS "queued!",
+                  count(*) FILTER (WHERE status = 'running') AS "running!",
+                  EXTRACT(EPOCH FROM now() - min(queued_at) FILTER (WHERE status = 'queued'))::float8
+                      AS oldest_queued_secs
+           FROM runs WHERE status IN ('queued', 'running')"#
+    )
+    .fetch_one(conn)
+    .await?;
+    Ok(ActiveCounts {
+        queued: row.queued,
+        running: row.running,
+        oldest_queued_secs: row.oldest_queued_secs.unwrap_or(0.0),
+    })
+}
+
+/// What [`active_counts`] reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ActiveCounts {
+    pub queued: i64,
+    pub running: i64,
+    /// 0 when nothing is queued.
+    pub oldest_queued_secs: f64,
+}

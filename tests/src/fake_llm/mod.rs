@@ -20,7 +20,9 @@
 //! - `GET /v1/models` (also `/models`): the `--models` names.
 //! - `GET /healthz`: `ok`.
 //! - `GET /stats`: [`FakeLlmStats`] as JSON,
-//!   `{"requests", "streamed", "tool_calls", "faults": {"429", "500", "cut", "400", "401"}}`.
+//!   `{"requests", "streamed", "tool_calls", "in_flight", "max_in_flight",
+//!   "faults": {"429", "500", "cut", "400", "401"}}` — `max_in_flight` is the most requests
+//!   ever answered at once (a streamed answer counts until its last frame).
 //!
 //! # What the model answers
 //!

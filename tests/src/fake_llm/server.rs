@@ -27,7 +27,7 @@ use super::wire::{self, Meta, Timing};
 /// State shared by all requests of one server.
 pub(crate) struct Shared {
     pub config: FakeLlmConfig,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
     /// Requests seen per `fail_times` message (hash of the user message), so retries of the
     /// same message eventually succeed.
     fail_counts: Mutex<HashMap<u64, u32>>,
@@ -46,7 +46,7 @@ impl Shared {
         let models_body = Bytes::from(json!({"object": "list", "data": data}).to_string());
         Self {
             config,
-            counters: Counters::default(),
+            counters: Arc::default(),
             fail_counts: Mutex::new(HashMap::new()),
             recorded: Mutex::new(Vec::new()),
             shutdown,
@@ -133,6 +133,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
 
 async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let request_no = Counters::bump(&shared.counters.requests);
+    let in_flight = shared.counters.start();
     let request: ChatRequest = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(err) => {
@@ -217,7 +218,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
 
     if stream {
         let frames = wire::stream_frames(&answer, &meta, timing, cut);
-        let body = wire::body(frames, cut, shared.shutdown.clone());
+        let body = wire::body(frames, cut, shared.shutdown.clone(), in_flight);
         return (
             [
                 (
@@ -253,6 +254,7 @@ async fn chat_completions(State(shared): State<Arc<Shared>>, body: Bytes) -> Res
             vec![(Duration::ZERO, partial)],
             true,
             shared.shutdown.clone(),
+            in_flight,
         )
     } else {
         Body::from(json)

@@ -1,7 +1,10 @@
 //! Request counters, so tests and benchmarks can check what the fake actually served (how many
 //! retries reached it, how many faults it injected) instead of trusting the caller's account.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +21,10 @@ pub struct FakeLlmStats {
     pub tool_calls: u64,
     /// Injected faults by kind, from directives and from `--fault-rate`.
     pub faults: FaultStats,
+    /// Requests being answered right now (a streamed answer counts until its last frame).
+    pub in_flight: u64,
+    /// The most requests ever answered at once: what a concurrency limit must keep down.
+    pub max_in_flight: u64,
 }
 
 /// Injected faults by kind; serialised with the kinds' names (`"429"`, `"500"`, `"cut"`, …).
@@ -39,6 +46,8 @@ pub(crate) struct Counters {
     pub requests: AtomicU64,
     pub streamed: AtomicU64,
     pub tool_calls: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     rate_limited: AtomicU64,
     server_error: AtomicU64,
     cut: AtomicU64,
@@ -61,12 +70,21 @@ impl Counters {
         });
     }
 
+    /// Counts a request in flight until the returned guard drops.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(Arc::clone(self))
+    }
+
     pub fn snapshot(&self) -> FakeLlmStats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         FakeLlmStats {
             requests: get(&self.requests),
             streamed: get(&self.streamed),
             tool_calls: get(&self.tool_calls),
+            in_flight: get(&self.in_flight),
+            max_in_flight: get(&self.max_in_flight),
             faults: FaultStats {
                 rate_limited: get(&self.rate_limited),
                 server_error: get(&self.server_error),
@@ -75,5 +93,17 @@ impl Counters {
                 unauthorized: get(&self.unauthorized),
             },
         }
+    }
+}
+
+/// A request being answered. A streamed answer drops it just before its last frame goes out,
+/// so a client that reads the end of a stream and at once sends the next request is never
+/// counted twice.
+#[derive(Debug)]
+pub(crate) struct InFlight(Arc<Counters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }

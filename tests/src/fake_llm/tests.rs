@@ -564,6 +564,8 @@ async fn stats_count_requests_streams_and_faults() {
             server_error: 1,
             ..FaultStats::default()
         },
+        in_flight: 0,
+        max_in_flight: 1,
     };
     assert_eq!(llm.stats(), expected);
     let served: Value = client()
@@ -576,7 +578,7 @@ async fn stats_count_requests_streams_and_faults() {
         .unwrap();
     assert_eq!(
         served,
-        json!({"requests": 5, "streamed": 2, "tool_calls": 0,
+        json!({"requests": 5, "streamed": 2, "tool_calls": 0, "in_flight": 0, "max_in_flight": 1,
                "faults": {"429": 1, "500": 1, "cut": 0, "400": 0, "401": 0}})
     );
 }

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use super::answer::{Answer, word_chunks};
+use super::stats::InFlight;
 
 /// Fields shared by every chunk of one response.
 pub(crate) struct Meta<'a> {
@@ -257,8 +258,14 @@ impl SseWriter {
 
 /// A response body that plays `frames` with their delays, then — with `cut` — fails so the
 /// server drops the connection mid-body. `shutdown` cuts a long stream short.
-pub(crate) fn body(frames: Vec<(Duration, Bytes)>, cut: bool, shutdown: CancellationToken) -> Body {
+pub(crate) fn body(
+    frames: Vec<(Duration, Bytes)>,
+    cut: bool,
+    shutdown: CancellationToken,
+    in_flight: InFlight,
+) -> Body {
     if !cut && frames.iter().all(|(delay, _)| delay.is_zero()) {
+        drop(in_flight);
         // Zero-delay steps are merged when written, so this is at most one frame.
         return frames
             .into_iter()
@@ -269,6 +276,7 @@ pub(crate) fn body(frames: Vec<(Duration, Bytes)>, cut: bool, shutdown: Cancella
         frames: frames.into_iter(),
         cut,
         shutdown,
+        in_flight: Some(in_flight),
     };
     Body::from_stream(futures::stream::unfold(state, Playback::next))
 }
@@ -277,6 +285,7 @@ struct Playback {
     frames: std::vec::IntoIter<(Duration, Bytes)>,
     cut: bool,
     shutdown: CancellationToken,
+    in_flight: Option<InFlight>,
 }
 
 impl Playback {
@@ -292,8 +301,13 @@ impl Playback {
                     }
                 }
             }
+            if self.frames.as_slice().is_empty() && !self.cut {
+                // The client may act on this frame before the stream is polled again.
+                self.in_flight = None;
+            }
             return Some((Ok(bytes), self));
         }
+        self.in_flight = None;
         if std::mem::take(&mut self.cut) {
             // Let hyper flush what was sent so far: an error drops the connection at once,
             // and whatever is still in its write buffer would be lost with it.

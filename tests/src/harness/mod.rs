@@ -7,6 +7,7 @@
 //! cut every connection ([`Backends::postgres_proxy`]); faults are only ever injected there,
 //! never into the machine's shared services.
 
+mod metrics;
 mod pg_proxy;
 mod private_redis;
 mod sse;
@@ -25,6 +26,7 @@ use tokio::{
     process::{Child, Command},
 };
 
+pub use metrics::Scrape;
 pub use pg_proxy::PgProxy;
 pub use private_redis::PrivateRedis;
 pub use sse::{SseEvent, SseStream, assert_gap_free};
@@ -192,6 +194,8 @@ pub struct Stack {
     /// More API replicas on the same backends ([`Stack::add_api`]).
     more_apis: Vec<Child>,
     workers: Vec<Child>,
+    /// Each worker's metrics server (`http://127.0.0.1:PORT`), in start order.
+    pub worker_metrics_urls: Vec<String>,
     fake_llm: Child,
     options: StackOptions,
 }
@@ -257,6 +261,7 @@ impl Stack {
             api: spawn_api(&options, &services, api_addr)?,
             more_apis: Vec::new(),
             workers: Vec::new(),
+            worker_metrics_urls: Vec::new(),
             fake_llm,
             db,
             redis_prefix,
@@ -296,6 +301,10 @@ impl Stack {
     pub fn add_worker(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new(binary("conveyor-worker"));
         self.common_env(&mut cmd);
+        let metrics_addr = free_addr();
+        cmd.env("WORKER_METRICS_ADDR", metrics_addr.to_string());
+        self.worker_metrics_urls
+            .push(format!("http://{metrics_addr}"));
         cmd.args([
             "--concurrency",
             &self.options.worker_concurrency.to_string(),
@@ -425,6 +434,36 @@ impl Stack {
             .open_sse(&format!("/api/{user}/runs/{run_id}/events"), None)
             .await?;
         stream.collect_until_terminal(Duration::from_secs(30)).await
+    }
+
+    /// Scrapes a `/metrics` endpoint: the API's (`None`) or a worker's (`Some(index)`).
+    pub async fn scrape(&self, worker: Option<usize>) -> anyhow::Result<Scrape> {
+        let base = match worker {
+            None => self.api_url.as_str(),
+            Some(index) => self.worker_metrics_urls[index].as_str(),
+        };
+        let response = self.http.get(format!("{base}/metrics")).send().await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "GET {base}/metrics answered {}",
+            response.status()
+        );
+        Ok(Scrape::parse(&response.text().await?))
+    }
+
+    /// Scrapes every worker and adds their series up.
+    pub async fn scrape_workers(&self) -> anyhow::Result<Vec<Scrape>> {
+        let mut all = Vec::with_capacity(self.worker_metrics_urls.len());
+        for index in 0..self.worker_metrics_urls.len() {
+            all.push(self.scrape(Some(index)).await?);
+        }
+        Ok(all)
+    }
+
+    /// The fake LLM's counters (`GET /stats`).
+    pub async fn llm_stats(&self) -> anyhow::Result<crate::fake_llm::FakeLlmStats> {
+        let url = format!("{}/stats", self.llm_url.trim_end_matches("/v1"));
+        Ok(self.http.get(url).send().await?.json().await?)
     }
 
     pub async fn get_json(&self, path: &str) -> anyhow::Result<(u16, Value)> {

@@ -4,6 +4,9 @@
 //! is expected, odd `finish_reason`s), so chunks are read into permissive types rather than
 //! async-openai's strict ones. A stream that ends without a `finish_reason` was cut and is
 //! retried like a 5xx.
+//!
+//! Every request, retries included, first takes a permit from the shared rate limiter (a no-op
+//! when no limit is configured) and gives it back when its stream ends.
 
 use std::time::Duration;
 
@@ -11,14 +14,16 @@ use async_openai::error::OpenAIError;
 use backon::BackoffBuilder;
 use conveyor_shared::{
     events::RunEvent,
-    llm::{LlmClient, LlmHttpError},
+    llm::{AcquireError, LlmClient, LlmHttpError, LlmLimiter},
 };
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::Value;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Emitter;
+use crate::metrics::{LlmFailure, LlmMetrics};
 
 /// A finished completion: text and/or tool calls.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -43,6 +48,7 @@ pub enum LlmError {
     Transient {
         reason: String,
         retry_after: Option<Duration>,
+        kind: LlmFailure,
     },
     /// Never retried: the request itself is wrong (400/401/403/404…).
     #[error("{message}")]
@@ -91,6 +97,17 @@ struct Chunk {
     choices: Option<Vec<Choice>>,
     #[serde(default)]
     error: Option<Value>,
+    /// Sent in the last chunk when the request asks for `stream_options.include_usage`.
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Usage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -127,10 +144,18 @@ struct FunctionDelta {
     arguments: Option<String>,
 }
 
+/// What a completion is sent through: the client, the shared rate limiter and the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct LlmChannel<'a> {
+    pub client: &'a LlmClient,
+    pub limiter: &'a LlmLimiter,
+    pub metrics: &'a LlmMetrics,
+}
+
 /// Streams one completion with retries; text goes out through `emitter` as it arrives. A
 /// retry after text was streamed emits `run.retrying` so clients drop the partial answer.
 pub async fn complete_with_retries(
-    client: &LlmClient,
+    channel: LlmChannel<'_>,
     request: &Value,
     policy: RetryPolicy,
     emitter: &mut Emitter,
@@ -140,7 +165,7 @@ pub async fn complete_with_retries(
     let mut delays = policy.delays();
     loop {
         emitter.take_streamed();
-        let error = match stream_once(client, request, emitter, cancel).await {
+        let error = match send(channel, request, emitter, cancel).await {
             Ok(completion) => {
                 emitter
                     .flush()
@@ -153,16 +178,19 @@ pub async fn complete_with_retries(
             Err(LlmError::Transient {
                 reason,
                 retry_after,
-            }) => (reason, retry_after),
+                kind,
+            }) => (reason, retry_after, kind),
             Err(other) => return Err(other),
         };
-        let (reason, retry_after) = error;
+        let (reason, retry_after, kind) = error;
         let Some(backoff) = delays.next() else {
             return Err(LlmError::Transient {
                 reason,
                 retry_after,
+                kind,
             });
         };
+        channel.metrics.retry(kind);
         let delay = retry_after.map_or(backoff, |server| server.min(policy.max_delay));
         tracing::warn!(run_id = %emitter.run_id(), %reason, delay_ms = delay.as_millis(), "LLM call failed; retrying");
         if emitter.take_streamed() {
@@ -183,19 +211,61 @@ pub async fn complete_with_retries(
     }
 }
 
-async fn stream_once(
-    client: &LlmClient,
+/// One request: wait for a permit, stream the answer while holding it, give it back.
+async fn send(
+    channel: LlmChannel<'_>,
     request: &Value,
     emitter: &mut Emitter,
     cancel: &CancellationToken,
 ) -> Result<Completion, LlmError> {
-    let chat = client.chat();
+    let metrics = channel.metrics;
+    let permit = {
+        let _waiting = metrics.waiting_for_permit();
+        channel.limiter.acquire(cancel).await
+    };
+    let permit = match permit {
+        Ok(permit) => permit,
+        Err(AcquireError::Cancelled) => return Err(LlmError::Cancelled),
+        Err(error @ AcquireError::TimedOut(_)) => {
+            metrics.error(LlmFailure::LimiterTimeout);
+            return Err(LlmError::Transient {
+                reason: error.to_string(),
+                retry_after: None,
+                kind: LlmFailure::LimiterTimeout,
+            });
+        }
+    };
+    metrics.permit(permit.waited(), permit.failed_open());
+    metrics.request();
+    let started = Instant::now();
+    let result = permit
+        .hold(stream_once(channel, request, emitter, cancel, started))
+        .await;
+    permit.release().await;
+    match &result {
+        Ok(_) => metrics.completed(started.elapsed()),
+        Err(LlmError::Transient { kind, .. }) => metrics.error(*kind),
+        Err(LlmError::Permanent { .. }) => metrics.error(LlmFailure::ClientError),
+        Err(LlmError::Cancelled | LlmError::Events(_)) => {}
+    }
+    result
+}
+
+async fn stream_once(
+    channel: LlmChannel<'_>,
+    request: &Value,
+    emitter: &mut Emitter,
+    cancel: &CancellationToken,
+    started: Instant,
+) -> Result<Completion, LlmError> {
+    let chat = channel.client.chat();
     let mut stream = tokio::select! {
         () = cancel.cancelled() => return Err(LlmError::Cancelled),
         stream = chat.create_stream_byot::<&Value, Chunk>(request) => stream.map_err(classify)?,
     };
     let mut completion = Completion::default();
     let mut finished = false;
+    let mut first_token = true;
     loop {
         let next = if let Some(deadline) = emitter.flush_deadline() {
             tokio::select! {
@@ -218,10 +288,21 @@ async fn stream_once(
             return Err(LlmError::Transient {
                 reason: format!("provider error in stream: {error}"),
                 retry_after: None,
+                kind: LlmFailure::StreamError,
             });
+        }
+        if let Some(usage) = chunk.usage {
+            channel.metrics.tokens(
+                usage.prompt_tokens.unwrap_or(0),
+                usage.completion_tokens.unwrap_or(0),
+            );
         }
         for choice in chunk.choices.unwrap_or_default() {
             if let Some(delta) = choice.delta {
+                if first_token && (delta.content.is_some() || delta.tool_calls.is_some()) {
+                    first_token = false;
+                    channel.metrics.first_token(started.elapsed());
+                }
                 if let Some(text) = delta.content {
                     completion.text.push_str(&text);
                     emitter.push_text(&text);
@@ -240,6 +321,7 @@ async fn stream_once(
         return Err(LlmError::Transient {
             reason: "the model's stream was cut before it finished".to_owned(),
             retry_after: None,
+            kind: LlmFailure::StreamCut,
         });
     }
     for call in &mut completion.tool_calls {
@@ -284,11 +366,17 @@ fn classify(error: OpenAIError) -> LlmError {
     match error {
         OpenAIError::Boxed(boxed) => match boxed.downcast::<LlmHttpError>() {
             Ok(http) => {
-                let transient = matches!(http.status, 408 | 409 | 425 | 429) || http.status >= 500;
-                if transient {
+                let kind = match http.status {
+                    429 => Some(LlmFailure::RateLimited),
+                    408 | 409 | 425 => Some(LlmFailure::ServerError),
+                    status if status >= 500 => Some(LlmFailure::ServerError),
+                    _ => None,
+                };
+                if let Some(kind) = kind {
                     LlmError::Transient {
                         reason: format!("HTTP {}: {}", http.status, http.message),
                         retry_after: http.retry_after,
+                        kind,
                     }
                 } else {
                     LlmError::Permanent {
@@ -303,19 +391,23 @@ fn classify(error: OpenAIError) -> LlmError {
             Err(other) => LlmError::Transient {
                 reason: other.to_string(),
                 retry_after: None,
+                kind: LlmFailure::Connection,
             },
         },
         OpenAIError::Reqwest(e) => LlmError::Transient {
             reason: format!("connection to the model provider failed: {e}"),
             retry_after: None,
+            kind: LlmFailure::Connection,
         },
         OpenAIError::StreamError(e) => LlmError::Transient {
             reason: format!("the model's stream broke: {e}"),
             retry_after: None,
+            kind: LlmFailure::StreamError,
         },
         OpenAIError::JSONDeserialize(e, _) => LlmError::Transient {
             reason: format!("unreadable answer from the model provider: {e}"),
             retry_after: None,
+            kind: LlmFailure::StreamError,
         },
         other => LlmError::Permanent {
             code: "llm_request_invalid".to_owned(),

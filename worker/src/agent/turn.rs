@@ -1,21 +1,31 @@
 //! The loop of one run attempt: model → tools → model … → text.
 
-use conveyor_shared::{events::RunEvent, llm::LlmClient, store::run_steps};
+use conveyor_shared::{
+    events::RunEvent,
+    llm::{LlmClient, LlmLimiter},
+    store::run_steps,
+};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     Emitter, LlmError, RetryPolicy,
-    completion::{Completion, complete_with_retries},
+    completion::{Completion, LlmChannel, complete_with_retries},
     prompt::assistant_message,
 };
-use crate::mcp::{CallContext, McpPool, ToolOutcome};
+use crate::{
+    mcp::{CallContext, McpPool, ToolOutcome},
+    metrics::LlmMetrics,
+};
 
 /// What the loop needs from the worker; shared by all runs.
 #[derive(Clone)]
 pub struct Agent {
     pub llm: LlmClient,
+    /// The provider's rate limit, shared with every other worker.
+    pub limiter: LlmLimiter,
+    pub metrics: LlmMetrics,
     pub model: String,
     pub mcp: McpPool,
     pub db: PgPool,
@@ -105,13 +115,20 @@ impl Agent {
                 "model": self.model,
                 "messages": messages,
                 "stream": true,
+                // The token counts for the metrics arrive in the stream's last chunk.
+                "stream_options": {"include_usage": true},
             });
             if !tools.is_empty() {
                 request["tools"] = Value::Array(tools.as_ref().clone());
                 request["parallel_tool_calls"] = Value::Bool(false);
             }
+            let channel = LlmChannel {
+                client: &self.llm,
+                limiter: &self.limiter,
+                metrics: &self.metrics,
+            };
             let completion: Completion = complete_with_retries(
-                &self.llm,
+                channel,
                 &request,
                 self.retry,
                 emitter,

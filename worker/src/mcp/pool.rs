@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::ServerSpec;
+use crate::metrics::{McpFailure, McpMetrics, McpServerMetrics};
 
 /// The key of the exactly-once token in a tool call's `_meta`.
 pub const IDEMPOTENCY_META_KEY: &str = "conveyor/idempotency_key";
@@ -65,6 +66,7 @@ impl ToolOutcome {
 
 struct ServerSlot {
     spec: ServerSpec,
+    metrics: McpServerMetrics,
     timeout: Duration,
     peer: RwLock<Option<Peer<RoleClient>>>,
     tools: RwLock<Vec<Tool>>,
@@ -115,6 +117,7 @@ impl McpPool {
     pub fn start(
         specs: Vec<ServerSpec>,
         default_timeout: Duration,
+        metrics: &McpMetrics,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
     ) -> Self {
@@ -123,6 +126,7 @@ impl McpPool {
                 .into_iter()
                 .map(|spec| ServerSlot {
                     timeout: spec.timeout(default_timeout),
+                    metrics: metrics.server(&spec.name),
                     spec,
                     peer: RwLock::new(None),
                     tools: RwLock::new(Vec::new()),
@@ -167,6 +171,9 @@ impl McpPool {
         let mut first = true;
         let mut delays = respawn_backoff();
         loop {
+            if !first {
+                slot.metrics.restarted();
+            }
             let connected = tokio::select! {
                 () = shutdown.cancelled() => return,
                 connected = connect(&slot.spec) => connected,
@@ -177,6 +184,7 @@ impl McpPool {
                     delays = respawn_backoff();
                     *write(&slot.tools) = tools;
                     *write(&slot.peer) = Some(service.peer().clone());
+                    slot.metrics.up(true);
                     self.rebuild_catalog();
                     if std::mem::take(&mut first) {
                         started.send_modify(|n| *n += 1);
@@ -187,6 +195,7 @@ impl McpPool {
                         _ = service.waiting() => {}
                     }
                     *write(&slot.peer) = None;
+                    slot.metrics.up(false);
                     tracing::warn!(server = %name, "MCP server exited; respawning");
                 }
                 Err(error) => {
@@ -258,6 +267,7 @@ impl McpPool {
         };
         let slot = &self.slots[server];
         let Some(peer) = read(&slot.peer).clone() else {
+            slot.metrics.error(McpFailure::Unavailable);
             return ToolOutcome::error(format!(
                 "the {:?} tool server is restarting; {name} is unavailable right now, try again shortly",
                 slot.spec.name
@@ -285,23 +295,41 @@ impl McpPool {
         );
         params.meta = Some(RequestMetaObject(MetaObject(meta)));
 
-        match tokio::time::timeout(slot.timeout, peer.call_tool(params)).await {
-            Err(_) => ToolOutcome::error(format!(
-                "{name} timed out after {} s",
-                slot.timeout.as_secs()
-            )),
-            Ok(Err(rmcp::ServiceError::McpError(error))) => {
-                ToolOutcome::error(format!("{name} rejected the call: {}", error.message))
-            }
+        let started = tokio::time::Instant::now();
+        let answer = tokio::time::timeout(slot.timeout, peer.call_tool(params)).await;
+        slot.metrics.call(started.elapsed());
+        let (outcome, failure) = match answer {
+            Err(_) => (
+                ToolOutcome::error(format!(
+                    "{name} timed out after {} s",
+                    slot.timeout.as_secs()
+                )),
+                Some(McpFailure::Timeout),
+            ),
+            Ok(Err(rmcp::ServiceError::McpError(error))) => (
+                ToolOutcome::error(format!("{name} rejected the call: {}", error.message)),
+                Some(McpFailure::Rejected),
+            ),
             Ok(Err(error)) => {
                 tracing::warn!(server = %slot.spec.name, tool = name, %error, "MCP call failed");
-                ToolOutcome::error(format!(
-                    "the {:?} tool server failed during {name}; try again shortly",
-                    slot.spec.name
-                ))
+                (
+                    ToolOutcome::error(format!(
+                        "the {:?} tool server failed during {name}; try again shortly",
+                        slot.spec.name
+                    )),
+                    Some(McpFailure::Transport),
+                )
             }
-            Ok(Ok(result)) => outcome_of(result),
+            Ok(Ok(result)) => {
+                let outcome = outcome_of(result);
+                let failure = (!outcome.ok).then_some(McpFailure::ToolError);
+                (outcome, failure)
+            }
+        };
+        if let Some(failure) = failure {
+            slot.metrics.error(failure);
         }
+        outcome
     }
 }
 
