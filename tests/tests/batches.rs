@@ -418,6 +418,54 @@ async fn a_worker_killed_mid_batch_loses_nothing() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A batch at the default line limit (50,000) is accepted in one request, cancelled in one
+/// request (every line at once), and its 50,000 results stream back page after page.
+#[tokio::test]
+async fn a_full_size_batch_is_accepted_cancelled_and_read_back_whole() -> anyhow::Result<()> {
+    const LINES: usize = 50_000;
+    let stack = Stack::start(batch_stack(0, 1)).await?;
+    let lines: Vec<Value> = (0..LINES)
+        .map(|i| json!({"custom_id": format!("{i:05}"), "message": format!("prompt {i}")}))
+        .collect();
+    let started = Instant::now();
+    let id = create_batch(&stack, "alice", &lines).await?;
+    eprintln!("50,000 lines accepted in {:?}", started.elapsed());
+    let created = get_batch(&stack, "alice", &id).await?;
+    assert_eq!(counts(&created), (50_000, 0, 0, 0), "{created}");
+
+    let started = Instant::now();
+    let response = stack
+        .http
+        .post(stack.url(&format!("/api/alice/batches/{id}/cancel")))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 202);
+    let cancelled: Value = response.json().await?;
+    eprintln!("50,000 lines cancelled in {:?}", started.elapsed());
+    // No line had started, so the batch is cancelled at once.
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert_eq!(counts(&cancelled), (50_000, 0, 0, 50_000), "{cancelled}");
+
+    let started = Instant::now();
+    let results = results(&stack, "alice", &id).await?;
+    eprintln!("50,000 results read in {:?}", started.elapsed());
+    assert_eq!(results.len(), LINES);
+    assert!(results.values().all(|r| r["status"] == "cancelled"
+        && r["response"]["text"].is_null()
+        && r["error"].is_null()));
+    let db = stack.db.pool().await?;
+    let stored: (i64, i64, i64) = sqlx::query_as(
+        r"SELECT (SELECT count(*) FROM runs WHERE batch_id = $1),
+                 (SELECT count(*) FROM messages WHERE role = 'user'),
+                 (SELECT count(*) FROM run_events WHERE kind = 'run.cancelled')",
+    )
+    .bind(&id)
+    .fetch_one(&db)
+    .await?;
+    assert_eq!(stored, (50_000, 50_000, 50_000));
+    Ok(())
+}
+
 /// A chat turn sent while a long batch runs is answered before the batch ends: batch work
 /// never holds up interactive turns.
 #[tokio::test]

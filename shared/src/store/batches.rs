@@ -291,16 +291,22 @@ pub async fn results_page(
                                 'id', s.tool_call_id, 'name', s.name, 'arguments', s.arguments,
                                 'ok', s.ok, 'result', s.result) ORDER BY s.step)
                             FROM run_steps s WHERE s.run_id = r.id), '[]'::jsonb) AS "tool_calls!"
-           FROM runs r
+           -- The page is chosen first, so the answer and tool calls are looked up for its rows
+           -- only, whatever plan the page gets (without statistics on a fresh batch, Postgres
+           -- may sort the batch's remaining rows instead of walking the index).
+           FROM (SELECT id, custom_id, conversation_id, status, error FROM runs
+                 WHERE batch_id = $1 AND user_id = $2
+                   AND status IN ('completed', 'failed', 'cancelled')
+                   -- custom_ids are never empty, so '' is before the first; a plain comparison
+                   -- keeps the keyset an index range (`IS NULL OR` would scan from the start).
+                   AND custom_id > COALESCE($3::text, '')
+                 ORDER BY custom_id
+                 LIMIT $4) r
            LEFT JOIN LATERAL (
                SELECT content FROM messages
                WHERE run_id = r.id AND role = 'assistant' AND tool_calls = '[]'::jsonb
                ORDER BY seq DESC LIMIT 1) m ON true
-           WHERE r.batch_id = $1 AND r.user_id = $2
-             AND r.status IN ('completed', 'failed', 'cancelled')
-             AND ($3::text IS NULL OR r.custom_id > $3)
-           ORDER BY r.custom_id
-           LIMIT $4"#,
+           ORDER BY r.custom_id"#,
         batch_id,
         user.as_str(),
         after,

@@ -325,9 +325,8 @@ mod tests {
 
     #[test]
     fn too_many_lines_names_the_first_one_over() {
-        let body: String = (0..5)
-            .map(|i| format!("{{\"custom_id\": \"{i}\", \"message\": \"x\"}}\n"))
-            .collect();
+        let line = |i: usize| format!("{{\"custom_id\": \"{i}\", \"message\": \"x\"}}\n");
+        let body = (0..5).map(line).collect::<Vec<_>>().concat();
         let (lines, _) = read(&[&body], LIMITS).unwrap_err();
         assert_eq!(lines, [4]);
     }
