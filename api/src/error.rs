@@ -20,6 +20,14 @@ pub enum ApiError {
         message: String,
         field: Option<String>,
     },
+    /// A batch upload with bad lines (1-based numbers; `errors` says what is wrong with the
+    /// first of them). Nothing was created.
+    #[error("{message}")]
+    BadUpload {
+        message: String,
+        lines: Vec<usize>,
+        errors: Vec<(usize, String)>,
+    },
     /// Well-formed input with an invalid field.
     #[error("{message}")]
     Validation { field: String, message: String },
@@ -71,7 +79,7 @@ impl ApiError {
 
     pub fn status_code(&self) -> StatusCode {
         match self {
-            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::BadRequest { .. } | Self::BadUpload { .. } => StatusCode::BAD_REQUEST,
             Self::Validation { .. } | Self::IdempotencyKeyReused { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -89,7 +97,7 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            Self::BadRequest { .. } => "bad_request",
+            Self::BadRequest { .. } | Self::BadUpload { .. } => "bad_request",
             Self::Validation { .. } => "validation_failed",
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
@@ -117,6 +125,14 @@ impl IntoResponse for ApiError {
                 field: Some(field), ..
             } => {
                 error.insert("field".into(), json!(field));
+            }
+            Self::BadUpload { lines, errors, .. } => {
+                error.insert("lines".into(), json!(lines));
+                let errors: Vec<Value> = errors
+                    .iter()
+                    .map(|(line, message)| json!({"line": line, "message": message}))
+                    .collect();
+                error.insert("errors".into(), Value::Array(errors));
             }
             Self::Busy { active_run_id } => {
                 error.insert("active_run_id".into(), json!(active_run_id));

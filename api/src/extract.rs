@@ -6,7 +6,7 @@ use axum::{
     extract::{FromRequest, FromRequestParts, RawPathParams, Request},
     http::{HeaderMap, StatusCode, request::Parts},
 };
-use conveyor_shared::ids::{ConversationId, RunId, Seq, UserId};
+use conveyor_shared::ids::{BatchId, ConversationId, RunId, Seq, UserId};
 use serde::de::DeserializeOwned;
 
 use crate::{error::ApiError, state::AppState};
@@ -138,6 +138,24 @@ impl FromRequestParts<AppState> for RunPath {
         Ok(Self {
             user: authorized_user(&params, parts, state).await?,
             run_id: parse_path_id(&params, "run_id", RunId::parse)?,
+        })
+    }
+}
+
+/// `/api/{user_id}/batches/{batch_id}…`
+#[derive(Debug)]
+pub struct BatchPath {
+    pub user: UserId,
+    pub batch_id: BatchId,
+}
+
+impl FromRequestParts<AppState> for BatchPath {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let params = raw_params(parts, state).await?;
+        Ok(Self {
+            user: authorized_user(&params, parts, state).await?,
+            batch_id: parse_path_id(&params, "batch_id", BatchId::parse)?,
         })
     }
 }

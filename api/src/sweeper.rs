@@ -17,6 +17,8 @@ use crate::state::AppState;
 const QUEUED_GRACE: Duration = Duration::from_secs(30);
 /// A running run whose worker has not sent a heartbeat for this long is re-enqueued.
 pub const RUNNING_STALE: Duration = Duration::from_secs(15);
+/// Batch runs pushed again per sweep, at most.
+const BATCH_SWEEP_CHUNK: i64 = 5_000;
 
 /// Sweeps every `interval` until `shutdown`.
 pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToken) {
@@ -28,7 +30,45 @@ pub async fn run(state: AppState, interval: Duration, shutdown: CancellationToke
         if let Err(error) = sweep(&state).await {
             tracing::warn!(%error, "sweep failed");
         }
+        if let Err(error) = sweep_batch_queue(&state).await {
+            tracing::warn!(%error, "batch queue sweep failed");
+        }
+        if let Err(error) = crate::services::batches::sweep(&state).await {
+            tracing::warn!(%error, "batch sweep failed");
+        }
     }
+}
+
+/// Batch runs wait in their queue for as long as the batch takes, so "queued for a while" does
+/// not mean lost. Only when the batch queue holds no job at all can nothing be carrying the
+/// batch runs Postgres still calls queued (a push that failed, a Redis that lost its data);
+/// then they are pushed again, a chunk per sweep.
+async fn sweep_batch_queue(state: &AppState) -> Result<(), SweepError> {
+    if state.producer.pending(QueueName::Batch).await? > 0 {
+        return Ok(());
+    }
+    let due =
+        runs::queued_batch_runs(&state.db, QUEUED_GRACE.as_secs_f64(), BATCH_SWEEP_CHUNK).await?;
+    if due.is_empty() {
+        return Ok(());
+    }
+    let jobs: Vec<RunJob> = due.iter().map(|id| RunJob::new(id.as_str())).collect();
+    state
+        .producer
+        .push_many(QueueName::Batch, &jobs)
+        .await
+        .map_err(|(_, error)| error)?;
+    tracing::info!(runs = jobs.len(), "sweeper re-enqueued batch runs");
+    Ok(())
+}
+
+/// Why a sweep of the batch queue failed.
+#[derive(Debug, thiserror::Error)]
+enum SweepError {
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("queue: {0}")]
+    Queue(#[from] conveyor_shared::queue::QueueError),
 }
 
 async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {

@@ -194,6 +194,12 @@ pub struct ApiConfig {
     /// `CORS_ALLOWED_ORIGINS`: comma-separated origins allowed to call the API from a browser
     /// (none by default; the bundled page is same-origin).
     pub cors_allowed_origins: Vec<String>,
+    /// `MAX_BATCH_LINES` (default 50000): prompts in one batch upload.
+    pub max_batch_lines: usize,
+    /// `MAX_BATCH_BYTES` (default 33554432, 32 MiB): size of one batch upload.
+    pub max_batch_bytes: usize,
+    /// `MAX_OPEN_BATCHES_PER_USER` (default 10; 0 = off): batches a user may have in progress.
+    pub max_open_batches_per_user: u32,
 }
 
 /// How API requests are authenticated.
@@ -311,6 +317,31 @@ impl ApiConfig {
                         .collect()
                 })
                 .unwrap_or_default(),
+            max_batch_lines: parsed(env, "MAX_BATCH_LINES", 50_000, "a positive number").and_then(
+                |n| {
+                    in_range(
+                        n,
+                        1..=1_000_000,
+                        "MAX_BATCH_LINES",
+                        "a number from 1 to 1000000",
+                    )
+                },
+            )?,
+            max_batch_bytes: parsed(env, "MAX_BATCH_BYTES", 32 << 20, "a number of bytes")
+                .and_then(|n| {
+                    in_range(
+                        n,
+                        1024..=(1 << 30),
+                        "MAX_BATCH_BYTES",
+                        "a number of bytes from 1024 to 1073741824",
+                    )
+                })?,
+            max_open_batches_per_user: parsed(
+                env,
+                "MAX_OPEN_BATCHES_PER_USER",
+                10,
+                "a whole number (0 = off)",
+            )?,
         })
     }
 }

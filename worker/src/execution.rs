@@ -15,7 +15,7 @@ use conveyor_shared::{
     ids::{MessageId, RunId},
     queue::{JobError, JobProducer, QueueName, RunJob},
     run_control,
-    store::{messages, run_events, runs},
+    store::{batches, messages, run_events, runs},
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -92,6 +92,7 @@ impl RunExecutor {
                 "queued" if claim.cancel_requested => {
                     if run_control::cancel_queued(&self.db, &self.bus, run_id).await? {
                         self.enqueue_next(&claim.conversation_id).await;
+                        self.settle_batch(claim.batch_id.as_deref()).await;
                     }
                     Ok(())
                 }
@@ -343,7 +344,20 @@ impl RunExecutor {
         }
         tracing::info!(run_id = %run_id, attempt, status, "run finished");
         self.enqueue_next(&run.conversation_id).await;
+        self.settle_batch(run.batch_id.as_deref()).await;
         Ok(())
+    }
+
+    /// After a batch run ended: if it was the batch's last, give the batch its final status.
+    /// Checked after the run's commit, so of two runs ending at once the later check sees both
+    /// ended. A failure only delays it: the API's sweeper settles open batches too.
+    async fn settle_batch(&self, batch_id: Option<&str>) {
+        let Some(batch_id) = batch_id else { return };
+        match batches::settle(&self.db, batch_id).await {
+            Ok(Some(status)) => tracing::info!(batch_id, status, "batch finished"),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(batch_id, %error, "cannot settle the batch"),
+        }
     }
 
     /// Pushes the conversation's next queued run, which waited for this one to end. A failure

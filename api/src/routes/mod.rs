@@ -1,5 +1,6 @@
 //! HTTP routes: thin handlers that parse, call one service function and map the result.
 
+mod batches;
 mod chat;
 mod conversations;
 mod health;
@@ -11,7 +12,7 @@ use std::collections::HashMap;
 
 use axum::{
     Router,
-    extract::{Query, rejection::QueryRejection},
+    extract::{DefaultBodyLimit, Query, rejection::QueryRejection},
     routing::{get, post},
 };
 
@@ -34,6 +35,23 @@ pub fn router() -> Router<AppState> {
         .route("/api/{user_id}/runs/{run_id}", get(runs::get))
         .route("/api/{user_id}/runs/{run_id}/events", get(runs::events))
         .route("/api/{user_id}/runs/{run_id}/cancel", post(runs::cancel))
+        .route(
+            "/api/{user_id}/batches",
+            // Uploads count their own bytes against MAX_BATCH_BYTES (to name the line where
+            // the limit falls), so the router's body limit does not apply here.
+            post(batches::create)
+                .layer(DefaultBodyLimit::disable())
+                .get(batches::list),
+        )
+        .route("/api/{user_id}/batches/{batch_id}", get(batches::get))
+        .route(
+            "/api/{user_id}/batches/{batch_id}/results",
+            get(batches::results),
+        )
+        .route(
+            "/api/{user_id}/batches/{batch_id}/cancel",
+            post(batches::cancel),
+        )
         .route("/api/{user_id}/conversations", get(conversations::list))
         .route(
             "/api/{user_id}/conversations/{conversation_id}",

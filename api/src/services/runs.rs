@@ -154,6 +154,15 @@ fn follow(
                     // durable events of a finished run.
                     None => durable_after(&state, &run_id, last).await,
                 };
+                // The buffer starts later than the cursor: a batch run's `run.queued` is only
+                // in Postgres (the API does not publish thousands of them to nobody).
+                if let Some(first) = events.first().map(|e| e.seq)
+                    && first > last + 1
+                {
+                    let mut earlier = stored_between(&state, &run_id, last, first).await;
+                    earlier.append(&mut events);
+                    events = earlier;
+                }
                 // After an outage the run may have ended while its terminal events could not
                 // be published: Postgres has them.
                 if std::mem::take(&mut resynced) && !events.iter().any(|e| e.kind.is_terminal()) {
@@ -194,6 +203,25 @@ fn follow(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Stored events with a seq strictly between `after` and `before`.
+async fn stored_between(
+    state: &AppState,
+    run_id: &RunId,
+    after: Seq,
+    before: Seq,
+) -> Vec<StoredEvent> {
+    match run_events::list(&state.db, run_id.as_str()).await {
+        Ok(events) => events
+            .into_iter()
+            .filter(|e| e.seq > after && e.seq < before)
+            .collect(),
+        Err(error) => {
+            tracing::warn!(run_id = %run_id, %error, "cannot read stored events");
+            Vec::new()
         }
     }
 }

@@ -38,7 +38,7 @@ pub struct AcceptedTurn {
 }
 
 /// Checks the message: not blank, within the limit, no NUL.
-fn validate_message(message: &str, max_chars: usize) -> Result<(), ApiError> {
+pub(crate) fn validate_message(message: &str, max_chars: usize) -> Result<(), ApiError> {
     if message.trim().is_empty() {
         return Err(ApiError::validation("message", "message must not be empty"));
     }
@@ -235,7 +235,7 @@ fn replay(existing: &runs::Run, hash: &str) -> Result<AcceptedTurn, ApiError> {
 }
 
 /// A conversation's title: the start of its first message.
-fn title_of(message: &str) -> String {
+pub(crate) fn title_of(message: &str) -> String {
     let line = message.trim().lines().next().unwrap_or_default();
     let mut title: String = line.chars().take(80).collect();
     if line.chars().count() > 80 {

@@ -71,10 +71,7 @@ impl JobProducer {
     /// The push is durable once this returns `Ok`; a failed wake-up is only logged, because the
     /// workers' fallback poll picks the job up anyway (within about a second).
     pub async fn push(&self, queue: QueueName, job: RunJob) -> Result<(), QueueError> {
-        let queue = match queue {
-            QueueName::Chat => &self.chat,
-            QueueName::Batch => &self.batch,
-        };
+        let queue = self.queue(queue);
         let payload = serde_json::to_vec(&job)?;
         let mut conn = self.conn.clone();
         // A connection that sat idle through a Redis restart fails its first command; without
@@ -111,6 +108,70 @@ impl JobProducer {
             all.push(super::stats::read(&mut conn, &queue.config, name).await?);
         }
         Ok(all)
+    }
+
+    /// Jobs per Redis call in [`Self::push_many`]: big enough that a 50,000-line batch takes
+    /// 50 round trips, small enough that one Lua call does not block Redis for long.
+    pub const PUSH_CHUNK: usize = 1_000;
+
+    /// Enqueues many jobs on `queue`, [`Self::PUSH_CHUNK`] per Redis call, each chunk followed
+    /// by one wake-up. Returns how many were pushed before a failure, with the error: the
+    /// caller's runs are in Postgres, so the rest is the sweeper's.
+    pub async fn push_many(
+        &self,
+        queue: QueueName,
+        jobs: &[RunJob],
+    ) -> Result<(), (usize, QueueError)> {
+        let name = queue;
+        let queue = self.queue(queue);
+        let mut pushed = 0;
+        for chunk in jobs.chunks(Self::PUSH_CHUNK) {
+            let payloads = chunk
+                .iter()
+                .map(serde_json::to_vec)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| (pushed, e.into()))?;
+            let conn = self.conn.clone();
+            retry_if_stale(|| {
+                let tasks: Vec<_> = payloads
+                    .iter()
+                    .map(|p| TaskBuilder::new(p.clone()).build())
+                    .collect();
+                let mut conn = conn.clone();
+                async move { push_tasks(&mut conn, &queue.config, &tasks).await }
+            })
+            .await
+            .map_err(|e| (pushed, e.into()))?;
+            pushed += chunk.len();
+            let woken: Result<u64, _> = redis::cmd("PUBLISH")
+                .arg(&queue.wake_channel)
+                .arg(name.as_str())
+                .query_async(&mut self.conn.clone())
+                .await;
+            if let Err(error) = woken {
+                tracing::warn!(queue = %name, %error, "jobs pushed but the wake-up publish failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Jobs waiting in `queue` (ready or scheduled for a retry), not counting those a worker
+    /// holds.
+    pub async fn pending(&self, queue: QueueName) -> Result<u64, QueueError> {
+        let config = &self.queue(queue).config;
+        let (ready, scheduled): (u64, u64) = redis::pipe()
+            .llen(config.active_jobs_list())
+            .zcard(config.scheduled_jobs_set())
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(ready + scheduled)
+    }
+
+    fn queue(&self, queue: QueueName) -> &Queue {
+        match queue {
+            QueueName::Chat => &self.chat,
+            QueueName::Batch => &self.batch,
+        }
     }
 }
 

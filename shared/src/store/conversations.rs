@@ -55,6 +55,51 @@ pub async fn lock_owned(
     Ok(row.is_some())
 }
 
+/// Inserts many conversations of one user at once (a batch's fresh conversations).
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    user: &UserId,
+    ids: &[&str],
+    titles: &[&str],
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO conversations (id, user_id, title)
+           SELECT id, $1, title FROM UNNEST($2::text[], $3::text[]) AS t(id, title)"#,
+        user.as_str(),
+        ids as &[&str],
+        titles as &[&str]
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Which of `ids` are the user's conversations.
+pub async fn owned_among(
+    conn: impl PgExecutor<'_>,
+    user: &UserId,
+    ids: &[&str],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!(
+        "SELECT id FROM conversations WHERE user_id = $1 AND id = ANY($2)",
+        user.as_str(),
+        ids as &[&str]
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Marks conversations as updated now.
+pub async fn touch_many(conn: impl PgExecutor<'_>, ids: &[&str]) -> sqlx::Result<()> {
+    sqlx::query!(
+        "UPDATE conversations SET updated_at = now() WHERE id = ANY($1)",
+        ids as &[&str]
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 pub async fn touch(conn: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
     sqlx::query!(
         "UPDATE conversations SET updated_at = now() WHERE id = $1",

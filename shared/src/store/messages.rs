@@ -77,6 +77,33 @@ pub async fn insert_many(conn: &mut PgConnection, messages: &[NewMessage<'_>]) -
     Ok(())
 }
 
+/// The user messages of many runs at once (a batch's lines), each with status `NULL`.
+#[derive(Debug, Clone, Copy)]
+pub struct NewUserMessages<'a> {
+    pub user_id: &'a str,
+    pub ids: &'a [&'a str],
+    pub conversation_ids: &'a [&'a str],
+    pub run_ids: &'a [&'a str],
+    pub contents: &'a [&'a str],
+}
+
+pub async fn insert_user_many(conn: &mut PgConnection, m: NewUserMessages<'_>) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content)
+           SELECT id, conversation_id, $1, run_id, 'user', content
+           FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
+                AS t(id, conversation_id, run_id, content)"#,
+        m.user_id,
+        m.ids as &[&str],
+        m.conversation_ids as &[&str],
+        m.run_ids as &[&str],
+        m.contents as &[&str]
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A position in a conversation's history. Messages are ordered by their run's place in the
 /// conversation, then by insertion: a turn enqueued behind a running one stores its user
 /// message early, but it belongs after the earlier run's answer.

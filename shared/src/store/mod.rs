@@ -2,6 +2,7 @@
 //! transaction, every query compile-time checked and scoped by `user_id` wherever a person's
 //! data is read. Rules (who may do what, in which order) live in the services that call these.
 
+pub mod batches;
 pub mod conversations;
 pub mod messages;
 pub mod run_events;

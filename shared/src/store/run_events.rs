@@ -33,6 +33,25 @@ pub async fn insert_many(
     Ok(())
 }
 
+/// Stores the first event (seq 1) of many runs at once: a batch's `run.queued` events.
+pub async fn insert_first_many(
+    conn: &mut PgConnection,
+    run_ids: &[&str],
+    kind: EventKind,
+    data: &[serde_json::Value],
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO run_events (run_id, seq, kind, data)
+           SELECT run_id, 1, $1, data FROM UNNEST($2::text[], $3::jsonb[]) AS t(run_id, data)"#,
+        kind.as_str(),
+        run_ids as &[&str],
+        data
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// A run's stored events in order.
 pub async fn list(conn: impl PgExecutor<'_>, run_id: &str) -> sqlx::Result<Vec<StoredEvent>> {
     let rows = sqlx::query!(

@@ -52,6 +52,35 @@ pub async fn insert(conn: &mut PgConnection, run: NewRun<'_>) -> sqlx::Result<Da
     .await
 }
 
+/// The runs of a batch, one per line, to insert at once (status `queued`).
+#[derive(Debug, Clone, Copy)]
+pub struct NewBatchRuns<'a> {
+    pub user_id: &'a str,
+    pub batch_id: &'a str,
+    pub ids: &'a [&'a str],
+    pub conversation_ids: &'a [&'a str],
+    pub custom_ids: &'a [&'a str],
+}
+
+pub async fn insert_batch_runs(
+    conn: &mut PgConnection,
+    runs: NewBatchRuns<'_>,
+) -> sqlx::Result<()> {
+    sqlx::query!(
+        r#"INSERT INTO runs (id, user_id, conversation_id, status, batch_id, custom_id)
+           SELECT id, $1, conversation_id, 'queued', $2, custom_id
+           FROM UNNEST($3::text[], $4::text[], $5::text[]) AS t(id, conversation_id, custom_id)"#,
+        runs.user_id,
+        runs.batch_id,
+        runs.ids as &[&str],
+        runs.conversation_ids as &[&str],
+        runs.custom_ids as &[&str]
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The user's run, or `None` when it is not theirs.
 pub async fn get(conn: impl PgExecutor<'_>, user: &UserId, id: &str) -> sqlx::Result<Option<Run>> {
     sqlx::query_as!(
@@ -93,7 +122,10 @@ pub async fn lock_user_and_count_active(
         .execute(&mut *conn)
         .await?;
     let n = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM runs WHERE user_id = $1 AND status IN ('queued', 'running')"#,
+        // Batch runs do not count: a batch may queue thousands, and must not lock its owner
+        // out of chat (batches have their own limit).
+        r#"SELECT count(*) AS "n!" FROM runs
+           WHERE user_id = $1 AND batch_id IS NULL AND status IN ('queued', 'running')"#,
         user.as_str()
     )
     .fetch_one(conn)
@@ -137,6 +169,7 @@ pub async fn position_in_conversation(
 pub struct Claim {
     pub user_id: String,
     pub conversation_id: String,
+    pub batch_id: Option<String>,
     /// The run's status before the claim (`running` means a takeover from a dead worker).
     pub status: String,
     pub cancel_requested: bool,
@@ -167,6 +200,10 @@ pub async fn claim(
                WHERE id = $1 AND NOT cancel_requested
                  AND (status = 'queued'
                       OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $3)))
+                 -- A batch run not started within the batch's completion window never starts
+                 -- (the sweeper ends it as expired).
+                 AND NOT (status = 'queued' AND batch_id IS NOT NULL AND EXISTS (
+                     SELECT 1 FROM batches b WHERE b.id = runs.batch_id AND b.expires_at <= now()))
                  -- Runs of one conversation execute in order: not before every earlier one ended.
                  AND NOT EXISTS (
                      SELECT 1 FROM runs earlier
@@ -175,7 +212,7 @@ pub async fn claim(
                             OR (earlier.status = 'queued' AND NOT earlier.cancel_requested))
                        AND (earlier.queued_at, earlier.id) < (runs.queued_at, runs.id))
                RETURNING id, attempt)
-           SELECT r.user_id, r.conversation_id, r.status, r.cancel_requested,
+           SELECT r.user_id, r.conversation_id, r.batch_id, r.status, r.cancel_requested,
                   claimed.attempt AS "attempt?",
                   GREATEST(r.seq_floor,
                            (SELECT max(seq) FROM run_events e WHERE e.run_id = r.id))
@@ -329,8 +366,10 @@ pub async fn finish(
     Ok(())
 }
 
-/// Runs the sweeper must push again: `queued` for longer than `queued_secs` (their push may
-/// have failed) or `running` without a heartbeat for `silent_secs` (their worker died).
+/// Runs the sweeper must push again: chat runs `queued` for longer than `queued_secs` (their
+/// push may have failed) and any run `running` without a heartbeat for `silent_secs` (its
+/// worker died). Queued batch runs are not here: they legitimately wait in their queue for
+/// long, see [`queued_batch_runs`].
 pub async fn due_for_sweep(
     conn: impl PgExecutor<'_>,
     queued_secs: f64,
@@ -338,10 +377,15 @@ pub async fn due_for_sweep(
     limit: i64,
 ) -> sqlx::Result<Vec<(String, Option<String>)>> {
     let rows = sqlx::query!(
-        r#"SELECT id, batch_id FROM runs
-           WHERE (status = 'queued' AND queued_at < now() - make_interval(secs => $1))
-              OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $2))
-           ORDER BY queued_at LIMIT $3"#,
+        r#"(SELECT id AS "id!", batch_id, queued_at AS "queued_at!" FROM runs
+            WHERE status = 'queued' AND batch_id IS NULL
+              AND queued_at < now() - make_interval(secs => $1)
+            ORDER BY queued_at LIMIT $3)
+           UNION ALL
+           (SELECT id, batch_id, queued_at FROM runs
+            WHERE status = 'running' AND heartbeat_at < now() - make_interval(secs => $2)
+            ORDER BY queued_at LIMIT $3)
+           ORDER BY 3 LIMIT $3"#,
         queued_secs,
         silent_secs,
         limit
@@ -408,4 +452,23 @@ pub struct ActiveCounts {
     pub running: i64,
     /// 0 when nothing is queued.
     pub oldest_queued_secs: f64,
+}
+
+/// Batch runs `queued` for longer than `queued_secs`, oldest first: the sweeper pushes them
+/// again only when the batch queue holds no job at all (then nothing can be carrying them).
+pub async fn queued_batch_runs(
+    conn: impl PgExecutor<'_>,
+    queued_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar!(
+        r#"SELECT id FROM runs
+           WHERE status = 'queued' AND batch_id IS NOT NULL
+             AND queued_at < now() - make_interval(secs => $1)
+           ORDER BY queued_at, id LIMIT $2"#,
+        queued_secs,
+        limit
+    )
+    .fetch_all(conn)
+    .await
 }

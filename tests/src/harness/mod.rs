@@ -41,8 +41,13 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
 }
 
-/// The directory holding the workspace's built binaries (next to this test executable).
+/// The directory holding the workspace's built binaries: `CONVEYOR_BIN_DIR` when set (for a
+/// target directory that several checkouts build into, whose binaries overwrite each other),
+/// else next to this test executable.
 pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CONVEYOR_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
     let exe = std::env::current_exe().expect("current exe");
     let mut dir = exe.parent().expect("exe dir").to_path_buf();
     if dir.ends_with("deps") || dir.ends_with("examples") {
