@@ -83,9 +83,39 @@ pub enum CommitMode {
     Asynchronous,
 }
 
+/// Begins a transaction in the pool's [`CommitMode`], on a live connection (see
+/// [`begin_durable`]).
+pub async fn begin(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
+    on_a_live_connection(|| pool.begin()).await
+}
+
 /// Begins a transaction whose commit waits for the WAL flush, whatever the pool's
 /// [`CommitMode`] (the setting rides on the `BEGIN`, so it costs no extra round trip).
+///
+/// Pooled connections are pinged only after an idle second, so after a Postgres restart a
+/// recently used connection may be dead; its `BEGIN` fails at once, sqlx discards it, and the
+/// `BEGIN` is tried again on another connection (a few times: several may be dead). Callers
+/// can then rely on a transaction that started on a working connection.
 pub async fn begin_durable(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
-    pool.begin_with("BEGIN; SET LOCAL synchronous_commit = on")
-        .await
+    on_a_live_connection(|| pool.begin_with("BEGIN; SET LOCAL synchronous_commit = on")).await
+}
+
+/// Dead connections a `BEGIN` skips before it gives up.
+const DEAD_CONNECTIONS_SKIPPED: usize = 3;
+
+async fn on_a_live_connection<T, F, Fut>(begin: F) -> sqlx::Result<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = sqlx::Result<T>>,
+{
+    let mut skipped = 0;
+    loop {
+        match begin().await {
+            Err(sqlx::Error::Io(error)) if skipped < DEAD_CONNECTIONS_SKIPPED => {
+                tracing::debug!(%error, "a pooled connection was dead; beginning on another");
+                skipped += 1;
+            }
+            result => return result,
+        }
+    }
 }

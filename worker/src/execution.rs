@@ -302,6 +302,9 @@ impl RunExecutor {
             }
         };
         emitter.flush().await?;
+        // Begin on a live connection before reserving seqs: a commit that fails after the
+        // reservation leaves a gap in the run's seqs.
+        let mut tx = conveyor_shared::db::begin_durable(&self.db).await?;
         let count = u32::try_from(terminal.len()).unwrap_or(2);
         let first = self.bus.reserve(&run_id, count, emitter.last_seq()).await?;
         let terminal: Vec<(u64, RunEvent)> = terminal
@@ -314,7 +317,6 @@ impl RunExecutor {
             Outcome::Failed(_, error) => Some(serde_json::to_value(error).unwrap_or_default()),
             _ => None,
         };
-        let mut tx = conveyor_shared::db::begin_durable(&self.db).await?;
         let finished = runs::finish_attempt(
             &mut tx,
             run_id.as_str(),

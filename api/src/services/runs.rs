@@ -56,7 +56,7 @@ pub async fn cancel(
     user: &UserId,
     run_id: &RunId,
 ) -> Result<(bool, RunView), ApiError> {
-    let mut tx = state.db.begin().await?;
+    let mut tx = conveyor_shared::db::begin(&state.db).await?;
     let run = runs::lock_owned(&mut tx, user, run_id.as_str())
         .await?
         .ok_or(ApiError::NotFound("run"))?;

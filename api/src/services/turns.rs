@@ -104,7 +104,7 @@ pub async fn accept(
 
     let run_id = RunId::new();
     let mut interrupted = Vec::new();
-    let mut tx = state.db.begin().await?;
+    let mut tx = conveyor_shared::db::begin(&state.db).await?;
     let limit = state.config.max_active_runs_per_user;
     if limit > 0 && runs::lock_user_and_count_active(&mut tx, user).await? >= i64::from(limit) {
         return Err(ApiError::RateLimited {

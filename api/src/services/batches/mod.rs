@@ -182,7 +182,7 @@ pub async fn create(
     given.sort_unstable();
     given.dedup();
 
-    let mut tx = state.db.begin().await?;
+    let mut tx = conveyor_shared::db::begin(&state.db).await?;
     let limit = state.config.max_open_batches_per_user;
     if limit > 0 && batches::lock_user_and_count_open(&mut tx, user).await? >= i64::from(limit) {
         return Err(ApiError::RateLimited {
@@ -375,7 +375,7 @@ pub async fn cancel(
     user: &UserId,
     id: &BatchId,
 ) -> Result<(bool, BatchView), ApiError> {
-    let mut tx = state.db.begin().await?;
+    let mut tx = conveyor_shared::db::begin(&state.db).await?;
     let before = batches::request_cancel(&mut tx, user, id.as_str())
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
@@ -467,7 +467,7 @@ pub async fn results(
 pub async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
     let error = expired_error();
     for batch_id in batches::past_deadline(&state.db, 100).await? {
-        let mut tx = state.db.begin().await?;
+        let mut tx = conveyor_shared::db::begin(&state.db).await?;
         let expired = batches::cancel_queued_runs(&mut tx, &batch_id, Some(&error)).await?;
         tx.commit().await?;
         if expired > 0 {
