@@ -141,14 +141,21 @@ impl Authenticator {
         let mut validation = Validation::new(algorithm);
         validation.leeway = self.config.leeway_secs;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured audience or issuer must be present, not only match when present:
+        // jsonwebtoken checks `aud`/`iss` only in tokens that carry them.
+        let mut required = vec!["exp", "sub"];
         match &self.config.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(iss) = &self.config.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind;
             match e.kind() {
@@ -334,6 +341,8 @@ b2StTG9Jue9pj1dROr2vo4C2OhCx4IRA8rf1cqRGnDk43l2j8MjwhqHE
             ("not yet valid", with(json!({"nbf": now() + 120})), 401),
             ("wrong audience", with(json!({"aud": "someone-else"})), 401),
             ("wrong issuer", with(json!({"iss": "someone-else"})), 401),
+            ("no audience", with(json!({"aud": null})), 401),
+            ("no issuer", with(json!({"iss": null})), 401),
             ("no sub", with(json!({"sub": null})), 401),
             ("another user", with(json!({"sub": "bob"})), 403),
             ("malformed", "not.a.jwt".to_owned(), 401),

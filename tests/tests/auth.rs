@@ -27,11 +27,17 @@ fn token(secret: &str, claims: &Value) -> String {
 async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         workers: 0,
-        env: vec![("JWT_SECRET".into(), SECRET.into())],
+        env: vec![
+            ("JWT_SECRET".into(), SECRET.into()),
+            ("JWT_AUDIENCE".into(), "conveyor".into()),
+        ],
         ..StackOptions::default()
     })
     .await?;
-    let valid = token(SECRET, &json!({"sub": "alice", "exp": now() + 300}));
+    let valid = token(
+        SECRET,
+        &json!({"aud": "conveyor", "sub": "alice", "exp": now() + 300}),
+    );
     // A real run and conversation to aim at.
     let response = stack
         .http
@@ -45,9 +51,24 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
     let accepted: Value = response.json().await?;
     let run = accepted["run_id"].as_str().unwrap();
     let conv = accepted["conversation_id"].as_str().unwrap();
+    // And a batch of one line.
+    let response = stack
+        .http
+        .post(stack.url("/api/alice/batches"))
+        .bearer_auth(&valid)
+        .body("{\"custom_id\": \"a\", \"message\": \"hi\"}\n")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 201);
+    let batch: Value = response.json().await?;
+    let batch = batch["id"].as_str().unwrap();
 
     let endpoints: Vec<(&str, String)> = vec![
         ("POST", "/api/alice/chat".into()),
+        ("GET", "/api/alice/batches".into()),
+        ("GET", format!("/api/alice/batches/{batch}")),
+        ("GET", format!("/api/alice/batches/{batch}/results")),
+        ("POST", format!("/api/alice/batches/{batch}/cancel")),
         ("GET", format!("/api/alice/runs/{run}")),
         ("GET", format!("/api/alice/runs/{run}/events?after=1")),
         ("POST", format!("/api/alice/runs/{run}/cancel")),
@@ -66,26 +87,45 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
             "wrong signature",
             Some(token(
                 "not-the-secret",
-                &json!({"sub": "alice", "exp": now() + 300}),
+                &json!({"aud": "conveyor", "sub": "alice", "exp": now() + 300}),
             )),
             401,
         ),
         (
             "expired",
-            Some(token(SECRET, &json!({"sub": "alice", "exp": now() - 600}))),
+            Some(token(
+                SECRET,
+                &json!({"aud": "conveyor", "sub": "alice", "exp": now() - 600}),
+            )),
             401,
         ),
         (
             "not yet valid",
             Some(token(
                 SECRET,
-                &json!({"sub": "alice", "exp": now() + 600, "nbf": now() + 300}),
+                &json!({"aud": "conveyor", "sub": "alice", "exp": now() + 600, "nbf": now() + 300}),
             )),
             401,
         ),
         (
+            "wrong audience",
+            Some(token(
+                SECRET,
+                &json!({"aud": "someone-else", "sub": "alice", "exp": now() + 300}),
+            )),
+            401,
+        ),
+        (
+            "no audience",
+            Some(token(SECRET, &json!({"sub": "alice", "exp": now() + 300}))),
+            401,
+        ),
+        (
             "another user",
-            Some(token(SECRET, &json!({"sub": "bob", "exp": now() + 300}))),
+            Some(token(
+                SECRET,
+                &json!({"aud": "conveyor", "sub": "bob", "exp": now() + 300}),
+            )),
             403,
         ),
     ];
@@ -120,13 +160,16 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
             }
         }
     }
-    // Nothing was written by the refused requests: still one run, one conversation.
+    // Nothing was written by the refused requests: still the chat turn's and the batch line's
+    // run and conversation, and the batch still running.
     let db = stack.db.pool().await?;
-    let counts: (i64, i64) =
-        sqlx::query_as("SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM conversations)")
-            .fetch_one(&db)
-            .await?;
-    assert_eq!(counts, (1, 1));
+    let counts: (i64, i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM conversations),
+                (SELECT status FROM batches)",
+    )
+    .fetch_one(&db)
+    .await?;
+    assert_eq!(counts, (2, 2, "in_progress".to_owned()));
 
     // The valid token passes on every endpoint (DELETE last).
     for (method, path) in &endpoints {

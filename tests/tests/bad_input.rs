@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 const RUN: &str = "run_01M89FAW1C85R5Q06J7QT8DGE7";
 const CONV: &str = "conv_01M89FAW1C2WYD64V1X4P00EMT";
+const BATCH: &str = "batch_01M89FAW1C2WYD64V1X4P00EMT";
 
 /// One request of the corpus.
 struct Case {
@@ -209,6 +210,60 @@ fn hand_written() -> Vec<Case> {
         Method::POST,
         format!("/api/alice/runs/{RUN}/cancel"),
     ));
+    for path in [
+        format!("/api/alice/batches/{BATCH}"),
+        format!("/api/alice/batches/{BATCH}/results"),
+    ] {
+        cases.push(case("unknown id", Method::GET, path));
+    }
+    cases.push(case(
+        "unknown id",
+        Method::POST,
+        format!("/api/alice/batches/{BATCH}/cancel"),
+    ));
+    for path in [
+        "/api/alice/batches/batch_nope",
+        "/api/alice/batches/run_01M89FAW1C85R5Q06J7QT8DGE7/results",
+    ] {
+        cases.push(case("malformed id", Method::GET, path));
+    }
+    for query in ["limit=0", "limit=x", "cursor=%00"] {
+        cases.push(case(
+            "bad pagination",
+            Method::GET,
+            format!("/api/alice/batches?{query}"),
+        ));
+    }
+    for (class, body) in [
+        ("batch: not JSON", "not json\n"),
+        ("batch: missing field", "{\"custom_id\": \"a\"}\n"),
+        (
+            "batch: unknown field",
+            "{\"custom_id\": \"a\", \"message\": \"hi\", \"x\": 1}\n",
+        ),
+        (
+            "batch: duplicate custom_id",
+            "{\"custom_id\": \"a\", \"message\": \"hi\"}\n{\"custom_id\": \"a\", \"message\": \"ho\"}\n",
+        ),
+        (
+            "batch: blank message",
+            "{\"custom_id\": \"a\", \"message\": \"  \"}\n",
+        ),
+        ("batch: empty body", ""),
+    ] {
+        cases.push(Case {
+            body: Some(body.as_bytes().to_vec()),
+            ..case(class, Method::POST, "/api/alice/batches")
+        });
+    }
+    cases.push(Case {
+        body: Some(b"{\"custom_id\": \"a\", \"message\": \"hi\"}\n".to_vec()),
+        ..case(
+            "batch: bad option",
+            Method::POST,
+            "/api/alice/batches?completion_window=forever",
+        )
+    });
     cases.push(case(
         "unknown route",
         Method::GET,
@@ -299,7 +354,7 @@ async fn every_bad_request_gets_a_json_4xx_and_writes_nothing() -> anyhow::Resul
     }
 
     let db = stack.db.pool().await?;
-    let written: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations)")
+    let written: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations) + (SELECT count(*) FROM batches)")
         .fetch_one(&db)
         .await?;
     assert_eq!(written, 0, "refused requests write nothing");
