@@ -7,16 +7,17 @@ use conveyor_e2e::harness::{
 };
 use serde_json::json;
 
-#[tokio::test]
-async fn a_run_resumes_on_another_worker_after_kill_9_without_repeating_its_tool_call()
--> anyhow::Result<()> {
-    let mut stack = Stack::start(StackOptions::default()).await?;
-    // A tool call, then a slow answer (80 chunks × 50 ms) to kill the worker in.
+/// Starts a turn over SSE and reads its events up to the first text delta of the answer.
+async fn start_and_read_to_the_answer(
+    stack: &Stack,
+    user: &str,
+    message: &str,
+) -> anyhow::Result<(SseStream, Vec<SseEvent>)> {
     let mut sse = SseStream::open(
         stack
             .http
-            .post(stack.url("/api/kim/chat"))
-            .json(&json!({"message": "add crash test [[chunks=80 chunk_delay_ms=50]]"})),
+            .post(stack.url(&format!("/api/{user}/chat")))
+            .json(&json!({ "message": message })),
     )
     .await?;
     let mut events = Vec::new();
@@ -27,6 +28,20 @@ async fn a_run_resumes_on_another_worker_after_kill_9_without_repeating_its_tool
             break;
         }
     }
+    Ok((sse, events))
+}
+
+#[tokio::test]
+async fn a_run_resumes_on_another_worker_after_kill_9_without_repeating_its_tool_call()
+-> anyhow::Result<()> {
+    let mut stack = Stack::start(StackOptions::default()).await?;
+    // A tool call, then a slow answer (80 chunks × 50 ms) to kill the worker in.
+    let (mut sse, mut events) = start_and_read_to_the_answer(
+        &stack,
+        "kim",
+        "add crash test [[chunks=80 chunk_delay_ms=50]]",
+    )
+    .await?;
     let run_id = events[0].data["run_id"].as_str().unwrap().to_owned();
     assert!(
         events.iter().any(|e| e.event == "tool.result"),
@@ -156,21 +171,12 @@ async fn a_takeover_after_redis_lost_its_data_never_reuses_a_seq() -> anyhow::Re
     )
     .await?;
     // A tool call, then a slow answer to crash in.
-    let mut sse = SseStream::open(
-        stack
-            .http
-            .post(stack.url("/api/ida/chat"))
-            .json(&json!({"message": "add amnesia test [[chunks=20 chunk_delay_ms=300]]"})),
+    let (mut sse, mut events) = start_and_read_to_the_answer(
+        &stack,
+        "ida",
+        "add amnesia test [[chunks=20 chunk_delay_ms=300]]",
     )
     .await?;
-    let mut events = Vec::new();
-    while let Some(event) = sse.next_event().await? {
-        let delta = event.event == "message.delta";
-        events.push(event);
-        if delta {
-            break;
-        }
-    }
     let run_id = events[0].data["run_id"].as_str().unwrap().to_owned();
     let seen = events.last().unwrap().seq();
     // Wait until the attempt's heartbeat has recorded what it published, then lose both the
