@@ -65,6 +65,7 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
 
     let endpoints: Vec<(&str, String)> = vec![
         ("POST", "/api/alice/chat".into()),
+        ("POST", "/api/alice/batches".into()),
         ("GET", "/api/alice/batches".into()),
         ("GET", format!("/api/alice/batches/{batch}")),
         ("GET", format!("/api/alice/batches/{batch}/results")),
@@ -173,13 +174,16 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
 
     // The valid token passes on every endpoint (DELETE last).
     for (method, path) in &endpoints {
-        let response = stack
+        let request = stack
             .http
             .request(method.parse()?, stack.url(path))
-            .bearer_auth(&valid)
-            .json(&json!({"message": "again", "conversation_id": null}))
-            .send()
-            .await?;
+            .bearer_auth(&valid);
+        let request = if path.ends_with("/batches") {
+            request.body("{\"custom_id\": \"b\", \"message\": \"again\"}\n")
+        } else {
+            request.json(&json!({"message": "again", "conversation_id": null}))
+        };
+        let response = request.send().await?;
         let status = response.status().as_u16();
         assert!((200..300).contains(&status), "{method} {path}: {status}");
     }
