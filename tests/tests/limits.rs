@@ -3,17 +3,21 @@
 use conveyor_e2e::harness::{Stack, StackOptions};
 use serde_json::json;
 
-#[tokio::test]
-async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions {
+/// No workers (runs stay unfinished), 6 requests a minute and 2 unfinished runs per user.
+fn limited() -> StackOptions {
+    StackOptions {
         workers: 0,
         env: vec![
             ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
             ("MAX_ACTIVE_RUNS_PER_USER".into(), "2".into()),
         ],
         ..StackOptions::default()
-    })
-    .await?;
+    }
+}
+
+#[tokio::test]
+async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<()> {
+    let stack = Stack::start(limited()).await?;
     // Two runs stay queued (no worker); the third is refused and nothing is written for it.
     assert_eq!(
         stack.post_chat("mia", json!({"message": "one"})).await?.0,
@@ -63,15 +67,7 @@ async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<(
 
 #[tokio::test]
 async fn limits_hold_across_two_api_replicas_sharing_redis_and_postgres() -> anyhow::Result<()> {
-    let mut stack = Stack::start(StackOptions {
-        workers: 0,
-        env: vec![
-            ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
-            ("MAX_ACTIVE_RUNS_PER_USER".into(), "2".into()),
-        ],
-        ..StackOptions::default()
-    })
-    .await?;
+    let mut stack = Stack::start(limited()).await?;
     let second = stack.add_api().await?;
     let apis = [stack.api_url.clone(), second];
     let post = |api: &str, message: &str| {

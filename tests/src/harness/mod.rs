@@ -288,13 +288,17 @@ impl Stack {
         Ok(stack)
     }
 
-    fn common_env(&self, cmd: &mut Command) {
-        let services = Services {
+    /// Where this stack's services find Postgres and Redis.
+    fn services(&self) -> Services<'_> {
+        Services {
             database_url: &self.services_database_url,
             redis_url: &self.services_redis_url,
             redis_prefix: &self.redis_prefix,
-        };
-        common_env(cmd, &self.options, &services);
+        }
+    }
+
+    fn common_env(&self, cmd: &mut Command) {
+        common_env(cmd, &self.options, &self.services());
     }
 
     /// The Redis URL the services use (the private server's, or the machine's).
@@ -388,13 +392,8 @@ impl Stack {
     /// load balancer, say) and returns its base URL once it is ready.
     pub async fn add_api(&mut self) -> anyhow::Result<String> {
         let addr = free_addr();
-        let services = Services {
-            database_url: &self.services_database_url,
-            redis_url: &self.services_redis_url,
-            redis_prefix: &self.redis_prefix,
-        };
-        self.more_apis
-            .push(spawn_api(&self.options, &services, addr)?);
+        let api = spawn_api(&self.options, &self.services(), addr)?;
+        self.more_apis.push(api);
         let url = format!("http://{addr}");
         self.wait_ready(&url).await?;
         Ok(url)
