@@ -1,0 +1,110 @@
+//! Transport hygiene: request ids, security headers and the CORS allow-list.
+
+use conveyor_e2e::harness::{Stack, StackOptions};
+
+const ALLOWED: &str = "https://app.example";
+
+#[tokio::test]
+async fn responses_carry_request_ids_security_headers_and_only_allowed_cors() -> anyhow::Result<()>
+{
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        env: vec![("CORS_ALLOWED_ORIGINS".into(), ALLOWED.into())],
+        ..StackOptions::default()
+    })
+    .await?;
+
+    // A request id is generated when absent, echoed when given; error answers carry it too.
+    let response = stack
+        .http
+        .get(stack.url("/api/ann/conversations"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let generated = response.headers()["x-request-id"].to_str()?.to_owned();
+    assert!(!generated.is_empty());
+    for (name, value) in [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "DENY"),
+        ("referrer-policy", "no-referrer"),
+    ] {
+        assert_eq!(response.headers()[name], value, "{name}");
+    }
+    let response = stack
+        .http
+        .get(stack.url("/api/ann/runs/nope"))
+        .header("x-request-id", "trace-me-42")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(response.headers()["x-request-id"], "trace-me-42");
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+
+    // CORS: the allowed origin gets a preflight answer and the header on requests; another
+    // origin gets neither.
+    let preflight = |origin: &'static str| {
+        stack
+            .http
+            .request(reqwest::Method::OPTIONS, stack.url("/api/ann/chat"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let allowed = preflight(ALLOWED).await?;
+    assert!(allowed.status().is_success(), "{}", allowed.status());
+    assert_eq!(allowed.headers()["access-control-allow-origin"], ALLOWED);
+    let foreign = preflight("https://evil.example").await?;
+    assert!(
+        foreign
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    let response = stack
+        .http
+        .get(stack.url("/api/ann/conversations"))
+        .header("origin", ALLOWED)
+        .send()
+        .await?;
+    assert_eq!(response.headers()["access-control-allow-origin"], ALLOWED);
+    let response = stack
+        .http
+        .get(stack.url("/api/ann/conversations"))
+        .header("origin", "https://evil.example")
+        .send()
+        .await?;
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_an_allow_list_no_origin_is_allowed() -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        ..StackOptions::default()
+    })
+    .await?;
+    let response = stack
+        .http
+        .get(stack.url("/api/ann/conversations"))
+        .header("origin", ALLOWED)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none()
+    );
+    Ok(())
+}
