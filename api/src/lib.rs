@@ -74,7 +74,7 @@ pub fn app(state: AppState) -> Router {
         .collect();
     let mut router = routes::router()
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(RequestBodyTimeoutLayer::new(std::time::Duration::from_secs(30)))
+        .layer(RequestBodyTimeoutLayer::new(state.config.request_body_timeout))
         .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
             let id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or_default();
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)

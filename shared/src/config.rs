@@ -191,6 +191,9 @@ pub struct ApiConfig {
     /// `MAX_SSE_STREAMS_PER_USER` (default 50; 0 = off): open event streams per user and API
     /// process.
     pub max_sse_streams_per_user: u32,
+    /// `REQUEST_BODY_TIMEOUT_SECS` (default 30): how long a client may take to send a request
+    /// body before it gets `400` (the body was not received in time).
+    pub request_body_timeout: Duration,
     /// `CORS_ALLOWED_ORIGINS`: comma-separated origins allowed to call the API from a browser
     /// (none by default; the bundled page is same-origin).
     pub cors_allowed_origins: Vec<String>,
@@ -308,6 +311,7 @@ impl ApiConfig {
                 50,
                 "a whole number (0 = off)",
             )?,
+            request_body_timeout: seconds(env, "REQUEST_BODY_TIMEOUT_SECS", 30)?,
             cors_allowed_origins: env
                 .get("CORS_ALLOWED_ORIGINS")
                 .map(|v| {

@@ -108,3 +108,41 @@ async fn without_an_allow_list_no_origin_is_allowed() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_too_slow_to_send_its_body_is_answered_and_nothing_is_written()
+-> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let stack = Stack::start(StackOptions {
+        workers: 0,
+        env: vec![("REQUEST_BODY_TIMEOUT_SECS".into(), "1".into())],
+        ..StackOptions::default()
+    })
+    .await?;
+    let addr = stack.api_url.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await?;
+    // Headers promise 64 bytes of body; only 10 ever arrive.
+    socket
+        .write_all(
+            b"POST /api/ann/chat HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n\
+              accept: application/json\r\ncontent-length: 64\r\n\r\n{\"message\"",
+        )
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        socket.read_to_end(&mut answer),
+    )
+    .await??;
+    let answer = String::from_utf8_lossy(&answer);
+    // Without the body timeout the server would wait for the missing bytes forever.
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
+    assert!(answer.contains("not received within"), "{answer}");
+    let db = stack.db.pool().await?;
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(runs, 0);
+    Ok(())
+}
