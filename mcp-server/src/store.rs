@@ -1,13 +1,13 @@
 //! The store layer: every SQL statement the task tools run, and nothing else.
 //!
 //! Each statement filters by `user_id`, so a task id that belongs to someone else behaves exactly
-//! like an id that does not exist. Mutations that carry an idempotency key run in one transaction
-//! with the row that records their result in `tool_idempotency`, which makes their effect
+//! like an id that does not exist. A mutation that carries an idempotency key records its resulting
+//! row in `tool_idempotency` in the same statement as the change, which makes its effect
 //! exactly-once even when a caller retries or two copies of one call race.
 
 use chrono::{DateTime, Utc};
-use serde::{Serialize, de::DeserializeOwned};
-use sqlx::{PgExecutor, PgPool};
+use serde::Deserialize;
+use sqlx::PgPool;
 
 use crate::domain::{
     IdempotencyKey, Task, TaskChange, TaskDescription, TaskId, TaskPriority, TaskStatusFilter,
@@ -95,12 +95,13 @@ impl TaskStore {
     /// Applies `change` for `user` and returns `render(&task)`, where `task` is the row after
     /// the change (for a delete: the row that was deleted).
     ///
-    /// With a `key`, the rendered result is stored under `(user, key)` in the same transaction
-    /// as the change, and any later call with that key returns the stored result without
-    /// touching the tasks again. Two concurrent calls with one key both run the change, but
-    /// only one can insert the key: the other's insert waits for the first to commit, fails
-    /// with a unique violation, rolls its change back and answers the stored result.
-    /// A failed change (e.g. an unknown task) stores nothing, so it may be retried.
+    /// With a `key`, the same statement stores the task row under `(user, key)`, so the effect
+    /// and its record commit together. A later call with that key conflicts on the record,
+    /// which undoes its change, and answers from the stored row instead (`render` of the same
+    /// change and row gives the same reply). Two concurrent calls with one key both run the
+    /// change, but only one can insert the key: the other's insert waits for the first to
+    /// commit, fails, and answers the stored row. A failed change (e.g. an unknown task)
+    /// stores nothing, so it may be retried.
     pub async fn apply<R, F>(
         &self,
         user: &UserId,
@@ -109,59 +110,38 @@ impl TaskStore {
         render: F,
     ) -> Result<R, StoreError>
     where
-        R: Serialize + DeserializeOwned + Send,
-        F: FnOnce(&Task) -> R + Send,
+        F: FnOnce(&Task) -> R,
     {
+        let applied = run_change(&self.pool, user, change, key).await;
         let Some(key) = key else {
-            let task = run_change(&self.pool, user, change).await?;
-            return Ok(render(&task));
+            return applied.map(|task| render(&task));
         };
-        if let Some(stored) = self.stored_result(user, key, change).await? {
-            return Ok(stored);
-        }
-
-        let mut tx = self.pool.begin().await?;
-        let task = run_change(&mut *tx, user, change).await?;
-        let result = render(&task);
-        let value = serde_json::to_value(&result)
-            .map_err(|e| StoreError::Corrupt(format!("result does not serialise: {e}")))?;
-        let inserted = sqlx::query!(
-            "INSERT INTO tool_idempotency (user_id, key, tool, result) VALUES ($1, $2, $3, $4)",
-            user.as_str(),
-            key.as_str(),
-            change.tool_name(),
-            value,
-        )
-        .execute(&mut *tx)
-        .await;
-        match inserted {
-            Ok(_) => {
-                tx.commit().await?;
-                Ok(result)
-            }
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-                // A concurrent call with the same key committed first: undo ours, answer its.
-                drop(tx);
-                tracing::debug!(
-                    user_id = user.as_str(),
-                    key = key.as_str(),
-                    "idempotency key raced; answering the stored result"
-                );
-                self.stored_result(user, key, change).await?.ok_or_else(|| {
+        match applied {
+            Ok(task) => Ok(render(&task)),
+            // The key was used before: a repeat (or the call that raced this one) committed.
+            Err(StoreError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                let task = self.stored_task(user, key, change).await?.ok_or_else(|| {
                     StoreError::Corrupt("idempotency key vanished after a conflict".to_owned())
-                })
+                })?;
+                Ok(render(&task))
             }
-            Err(e) => Err(e.into()),
+            // A repeat of a call whose first run deleted the task (or, for another tool, a
+            // task that is really gone).
+            Err(StoreError::TaskNotFound(id)) => match self.stored_task(user, key, change).await? {
+                Some(task) => Ok(render(&task)),
+                None => Err(StoreError::TaskNotFound(id)),
+            },
+            Err(error) => Err(error),
         }
     }
 
-    /// The result stored for `(user, key)`, if a call with that key already succeeded.
-    async fn stored_result<R: DeserializeOwned>(
+    /// The task row stored for `(user, key)`, if a call with that key already succeeded.
+    async fn stored_task(
         &self,
         user: &UserId,
         key: &IdempotencyKey,
         change: &TaskChange,
-    ) -> Result<Option<R>, StoreError> {
+    ) -> Result<Option<Task>, StoreError> {
         let Some(row) = sqlx::query!(
             "SELECT tool, result FROM tool_idempotency WHERE user_id = $1 AND key = $2",
             user.as_str(),
@@ -181,18 +161,52 @@ impl TaskStore {
             tool = row.tool,
             "answering a repeated call from its stored result"
         );
-        serde_json::from_value(row.result)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(format!("stored result of {}: {e}", row.tool)))
+        let stored: StoredTask = serde_json::from_value(row.result)
+            .map_err(|e| StoreError::Corrupt(format!("stored result of {}: {e}", row.tool)))?;
+        TaskRow::from(stored).try_into().map(Some)
     }
 }
 
-/// Runs the one statement that makes `change`, on a pool or inside a transaction.
-async fn run_change<'e, E: PgExecutor<'e>>(
-    executor: E,
+/// A task row as `to_jsonb` stores it in `tool_idempotency.result`.
+#[derive(Deserialize)]
+struct StoredTask {
+    id: i64,
+    title: String,
+    description: Option<String>,
+    priority: String,
+    completed: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<StoredTask> for TaskRow {
+    fn from(t: StoredTask) -> Self {
+        Self {
+            id: t.id,
+            title: t.title,
+            description: t.description,
+            priority: t.priority,
+            completed: t.completed,
+            created_at: t.created_at,
+            updated_at: t.updated_at,
+        }
+    }
+}
+
+/// Runs the one statement that makes `change` and, with a `key`, records the resulting row
+/// under it (see [`TaskStore::apply`]).
+///
+/// Each statement has the same shape: the change in a `task` CTE, the record inserted from it
+/// (`WHERE $key IS NOT NULL`: nothing without a key), the row returned.
+async fn run_change(
+    pool: &PgPool,
     user: &UserId,
     change: &TaskChange,
+    key: Option<&IdempotencyKey>,
 ) -> Result<Task, StoreError> {
+    let user = user.as_str();
+    let key = key.map(IdempotencyKey::as_str);
+    let tool = change.tool_name();
     let (row, id) = match change {
         TaskChange::Add {
             title,
@@ -201,15 +215,25 @@ async fn run_change<'e, E: PgExecutor<'e>>(
         } => {
             let row = sqlx::query_as!(
                 TaskRow,
-                r#"INSERT INTO tasks (user_id, title, description, priority)
-                   VALUES ($1, $2, $3, $4)
-                   RETURNING id, title, description, priority, completed, created_at, updated_at"#,
-                user.as_str(),
+                r#"WITH task AS (
+                       INSERT INTO tasks (user_id, title, description, priority)
+                       VALUES ($1, $4, $5, $6)
+                       RETURNING id, title, description, priority, completed, created_at, updated_at),
+                   kept AS (
+                       INSERT INTO tool_idempotency (user_id, key, tool, result)
+                       SELECT $1, $2::text, $3, to_jsonb(task) FROM task WHERE $2::text IS NOT NULL)
+                   SELECT id AS "id!", title AS "title!", description, priority AS "priority!",
+                          completed AS "completed!", created_at AS "created_at!",
+                          updated_at AS "updated_at!"
+                   FROM task"#,
+                user,
+                key,
+                tool,
                 title.as_str(),
                 description.as_ref().map(TaskDescription::as_str),
                 priority.as_str(),
             )
-            .fetch_one(executor)
+            .fetch_one(pool)
             .await?;
             return row.try_into();
         }
@@ -217,28 +241,48 @@ async fn run_change<'e, E: PgExecutor<'e>>(
             // `updated_at` moves only when the task actually changes.
             let row = sqlx::query_as!(
                 TaskRow,
-                r#"UPDATE tasks
-                   SET completed = true,
-                       updated_at = CASE WHEN completed THEN updated_at ELSE now() END
-                   WHERE id = $1 AND user_id = $2
-                   RETURNING id, title, description, priority, completed, created_at, updated_at"#,
+                r#"WITH task AS (
+                       UPDATE tasks
+                       SET completed = true,
+                           updated_at = CASE WHEN completed THEN updated_at ELSE now() END
+                       WHERE id = $4 AND user_id = $1
+                       RETURNING id, title, description, priority, completed, created_at, updated_at),
+                   kept AS (
+                       INSERT INTO tool_idempotency (user_id, key, tool, result)
+                       SELECT $1, $2::text, $3, to_jsonb(task) FROM task WHERE $2::text IS NOT NULL)
+                   SELECT id AS "id!", title AS "title!", description, priority AS "priority!",
+                          completed AS "completed!", created_at AS "created_at!",
+                          updated_at AS "updated_at!"
+                   FROM task"#,
+                user,
+                key,
+                tool,
                 id.0,
-                user.as_str(),
             )
-            .fetch_optional(executor)
+            .fetch_optional(pool)
             .await?;
             (row, *id)
         }
         TaskChange::Delete(id) => {
             let row = sqlx::query_as!(
                 TaskRow,
-                r#"DELETE FROM tasks
-                   WHERE id = $1 AND user_id = $2
-                   RETURNING id, title, description, priority, completed, created_at, updated_at"#,
+                r#"WITH task AS (
+                       DELETE FROM tasks
+                       WHERE id = $4 AND user_id = $1
+                       RETURNING id, title, description, priority, completed, created_at, updated_at),
+                   kept AS (
+                       INSERT INTO tool_idempotency (user_id, key, tool, result)
+                       SELECT $1, $2::text, $3, to_jsonb(task) FROM task WHERE $2::text IS NOT NULL)
+                   SELECT id AS "id!", title AS "title!", description, priority AS "priority!",
+                          completed AS "completed!", created_at AS "created_at!",
+                          updated_at AS "updated_at!"
+                   FROM task"#,
+                user,
+                key,
+                tool,
                 id.0,
-                user.as_str(),
             )
-            .fetch_optional(executor)
+            .fetch_optional(pool)
             .await?;
             (row, *id)
         }
@@ -249,33 +293,53 @@ async fn run_change<'e, E: PgExecutor<'e>>(
         } => {
             let row = sqlx::query_as!(
                 TaskRow,
-                r#"UPDATE tasks
-                   SET title = COALESCE($3, title),
-                       description = COALESCE($4, description),
-                       updated_at = now()
-                   WHERE id = $1 AND user_id = $2
-                   RETURNING id, title, description, priority, completed, created_at, updated_at"#,
+                r#"WITH task AS (
+                       UPDATE tasks
+                       SET title = COALESCE($5, title),
+                           description = COALESCE($6, description),
+                           updated_at = now()
+                       WHERE id = $4 AND user_id = $1
+                       RETURNING id, title, description, priority, completed, created_at, updated_at),
+                   kept AS (
+                       INSERT INTO tool_idempotency (user_id, key, tool, result)
+                       SELECT $1, $2::text, $3, to_jsonb(task) FROM task WHERE $2::text IS NOT NULL)
+                   SELECT id AS "id!", title AS "title!", description, priority AS "priority!",
+                          completed AS "completed!", created_at AS "created_at!",
+                          updated_at AS "updated_at!"
+                   FROM task"#,
+                user,
+                key,
+                tool,
                 id.0,
-                user.as_str(),
                 title.as_ref().map(TaskTitle::as_str),
                 description.as_ref().map(TaskDescription::as_str),
             )
-            .fetch_optional(executor)
+            .fetch_optional(pool)
             .await?;
             (row, *id)
         }
         TaskChange::SetPriority { id, priority } => {
             let row = sqlx::query_as!(
                 TaskRow,
-                r#"UPDATE tasks
-                   SET priority = $3, updated_at = now()
-                   WHERE id = $1 AND user_id = $2
-                   RETURNING id, title, description, priority, completed, created_at, updated_at"#,
+                r#"WITH task AS (
+                       UPDATE tasks
+                       SET priority = $5, updated_at = now()
+                       WHERE id = $4 AND user_id = $1
+                       RETURNING id, title, description, priority, completed, created_at, updated_at),
+                   kept AS (
+                       INSERT INTO tool_idempotency (user_id, key, tool, result)
+                       SELECT $1, $2::text, $3, to_jsonb(task) FROM task WHERE $2::text IS NOT NULL)
+                   SELECT id AS "id!", title AS "title!", description, priority AS "priority!",
+                          completed AS "completed!", created_at AS "created_at!",
+                          updated_at AS "updated_at!"
+                   FROM task"#,
+                user,
+                key,
+                tool,
                 id.0,
-                user.as_str(),
                 priority.as_str(),
             )
-            .fetch_optional(executor)
+            .fetch_optional(pool)
             .await?;
             (row, *id)
         }

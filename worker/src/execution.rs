@@ -15,7 +15,7 @@ use conveyor_shared::{
     ids::{MessageId, RunId},
     queue::{JobError, JobProducer, QueueName, RunJob},
     run_control,
-    store::{batches, messages, run_events, runs},
+    store::{batches, messages, runs},
 };
 use serde_json::{Value, json};
 use sqlx::PgPool;
@@ -31,6 +31,8 @@ use crate::{
 pub const MAX_RUN_ATTEMPTS: i32 = 5;
 /// How often a running attempt says it is alive (and checks for a cancel request).
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How recently the event bus must have answered for a claim to skip pinging it.
+const BUS_FRESH: Duration = Duration::from_secs(1);
 /// A running run whose heartbeat is older than this may be taken over by another worker.
 const CLAIM_STALE_AFTER: Duration = Duration::from_secs(10);
 
@@ -74,8 +76,9 @@ impl RunExecutor {
         // published stays locked to this failed attempt until its heartbeat is stale (10 s), and
         // the job's retries may run out meanwhile. The ping also replaces a bus connection that
         // died while this worker was idle (a Redis restart), which would otherwise fail exactly
-        // that first event.
-        self.bus.ping().await?;
+        // that first event. A connection that answered within the last second is alive: the
+        // ping would only cost the round trip.
+        self.bus.ping_if_idle(BUS_FRESH).await?;
         let claim = runs::claim(
             &self.db,
             run_id.as_str(),
@@ -317,28 +320,26 @@ impl RunExecutor {
             Outcome::Failed(_, error) => Some(serde_json::to_value(error).unwrap_or_default()),
             _ => None,
         };
-        let finished = runs::finish_attempt(
-            &mut tx,
-            run_id.as_str(),
-            attempt,
-            &self.worker_name,
-            status,
-            error.as_ref(),
-        )
-        .await?;
-        if !finished {
-            tracing::info!(run_id = %run_id, attempt, "stale attempt; its result is dropped");
-            return Ok(());
-        }
-        let answer = answer_messages(run, &run_id, output, final_text_status, &message_id);
-        messages::insert_many(&mut tx, &answer).await?;
+        let answer = answer_messages(output, final_text_status, &message_id);
         let mut durable: Vec<StoredEvent> = emitter.durable().to_vec();
         durable.extend(terminal.iter().map(|(seq, e)| StoredEvent {
             seq: *seq,
             kind: e.kind(),
             data: e.data_json().into(),
         }));
-        run_events::insert_many(&mut tx, run_id.as_str(), &durable).await?;
+        let end = runs::FinishedAttempt {
+            id: run_id.as_str(),
+            attempt,
+            worker: &self.worker_name,
+            status,
+            error: error.as_ref(),
+            messages: &answer,
+            events: &durable,
+        };
+        if !runs::finish_attempt(&mut tx, end).await? {
+            tracing::info!(run_id = %run_id, attempt, "stale attempt; its result is dropped");
+            return Ok(());
+        }
         tx.commit().await?;
 
         for (seq, event) in &terminal {
@@ -393,17 +394,12 @@ impl RunExecutor {
 /// assistant message (its text and tool calls) and one tool message per call, then the final
 /// answer when there is one (`final_status`).
 fn answer_messages<'a>(
-    run: &'a runs::Claim,
-    run_id: &'a RunId,
     output: &'a AgentOutput,
     final_status: Option<&'a str>,
     final_id: &'a MessageId,
 ) -> Vec<messages::NewMessage<'a>> {
     let base = messages::NewMessage {
         id: final_id.clone(),
-        conversation_id: &run.conversation_id,
-        user_id: &run.user_id,
-        run_id: run_id.as_str(),
         role: "assistant",
         content: "",
         tool_calls: json!([]),

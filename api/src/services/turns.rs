@@ -8,10 +8,10 @@
 use conveyor_shared::{
     domain::Multitask,
     events::{RunEvent, StoredEvent},
-    ids::{ConversationId, RunId, UserId},
+    ids::{ConversationId, MessageId, RunId, UserId},
     queue::{QueueName, RunJob},
     run_control,
-    store::{conversations, is_unique_violation, messages, run_events, runs},
+    store::{conversations, is_unique_violation, runs},
 };
 use std::fmt::Write as _;
 
@@ -103,57 +103,71 @@ pub async fn accept(
     let multitask = request.multitask.unwrap_or_default();
 
     let run_id = RunId::new();
-    let mut interrupted = Vec::new();
-    let mut tx = conveyor_shared::db::begin(&state.db).await?;
-    let limit = state.config.max_active_runs_per_user;
-    if limit > 0 && runs::lock_user_and_count_active(&mut tx, user).await? >= i64::from(limit) {
-        return Err(ApiError::RateLimited {
-            retry_after_secs: 1,
-            message: format!("at most {limit} unfinished runs per user"),
-        });
-    }
-    let (conversation_id, position) = if let Some(id) = &request.conversation_id {
-        if !conversations::lock_owned(&mut tx, user, id).await? {
-            return Err(ApiError::NotFound("conversation"));
-        }
-        let active = runs::active_in_conversation(&mut *tx, id.as_str()).await?;
-        let position = match (active, multitask) {
-            (None, _) => 0,
-            (Some(active_run_id), Multitask::Reject) => {
-                return Err(ApiError::Busy { active_run_id });
-            }
-            (Some(_), Multitask::Interrupt) => {
-                interrupted = runs::cancel_active_in_conversation(&mut *tx, id.as_str()).await?;
-                0
-            }
-            (Some(_), Multitask::Enqueue) => {
-                runs::position_in_conversation(&mut *tx, id.as_str(), run_id.as_str()).await?
-            }
-        };
-        (id.clone(), position)
-    } else {
-        let id = ConversationId::new();
-        conversations::insert(&mut tx, user, &id, &title_of(&request.message)).await?;
-        (id, 0)
+    let message_id = MessageId::new();
+    let title = request
+        .conversation_id
+        .is_none()
+        .then(|| title_of(&request.message));
+    let conversation_id = request
+        .conversation_id
+        .clone()
+        .unwrap_or_default();
+    let turn = |first_event| runs::NewTurn {
+        run_id: run_id.as_str(),
+        user_id: user.as_str(),
+        conversation_id: conversation_id.as_str(),
+        new_conversation_title: title.as_deref(),
+        idempotency_key,
+        request_hash: &hash,
+        message_id: message_id.as_str(),
+        message: &request.message,
+        first_event,
     };
-    let inserted = runs::insert(
-        &mut tx,
-        runs::NewRun {
-            id: run_id.as_str(),
-            user_id: user.as_str(),
-            conversation_id: conversation_id.as_str(),
-            idempotency_key,
-            request_hash: Some(&hash),
-            batch_id: None,
-            custom_id: None,
-        },
-    )
-    .await;
+    let limit = state.config.max_active_runs_per_user;
+    let mut interrupted = Vec::new();
+    let (inserted, queued) = if title.is_some() && limit == 0 {
+        // A new conversation with no per-user limit has nothing to check: one statement.
+        let (queued, first) = queued_event(&conversation_id, 0);
+        (runs::insert_turn(&state.db, turn(&first)).await, queued)
+    } else {
+        let mut position = 0;
+        let mut tx = conveyor_shared::db::begin(&state.db).await?;
+        if limit > 0 && runs::lock_user_and_count_active(&mut tx, user).await? >= i64::from(limit) {
+            return Err(ApiError::RateLimited {
+                retry_after_secs: 1,
+                message: format!("at most {limit} unfinished runs per user"),
+            });
+        }
+        if title.is_none() {
+            if !conversations::lock_owned(&mut tx, user, &conversation_id).await? {
+                return Err(ApiError::NotFound("conversation"));
+            }
+            let id = conversation_id.as_str();
+            match (runs::active_in_conversation(&mut *tx, id).await?, multitask) {
+                (None, _) => {}
+                (Some(active_run_id), Multitask::Reject) => {
+                    return Err(ApiError::Busy { active_run_id });
+                }
+                (Some(_), Multitask::Interrupt) => {
+                    interrupted = runs::cancel_active_in_conversation(&mut *tx, id).await?;
+                }
+                (Some(_), Multitask::Enqueue) => {
+                    position =
+                        runs::position_in_conversation(&mut *tx, id, run_id.as_str()).await?;
+                }
+            }
+        }
+        let (queued, first) = queued_event(&conversation_id, position);
+        let inserted = match runs::insert_turn(&mut *tx, turn(&first)).await {
+            Ok(()) => tx.commit().await,
+            Err(error) => Err(error),
+        };
+        (inserted, queued)
+    };
     match inserted {
-        Ok(_) => {}
+        Ok(()) => {}
         Err(error) if is_unique_violation(&error) && idempotency_key.is_some() => {
             // A concurrent request with the same key won the race: answer with its run.
-            drop(tx);
             let key = idempotency_key.unwrap_or_default();
             let existing = runs::by_idempotency_key(&state.db, user, key)
                 .await?
@@ -162,41 +176,6 @@ pub async fn accept(
         }
         Err(error) => return Err(error.into()),
     }
-    messages::insert_many(
-        &mut tx,
-        &[messages::NewMessage {
-            id: conveyor_shared::ids::MessageId::new(),
-            conversation_id: conversation_id.as_str(),
-            user_id: user.as_str(),
-            run_id: run_id.as_str(),
-            role: "user",
-            content: &request.message,
-            tool_calls: serde_json::json!([]),
-            tool_call_id: None,
-            status: None,
-        }],
-    )
-    .await?;
-    if request.conversation_id.is_some() {
-        // A new conversation was inserted with `updated_at = now()` already.
-        conversations::touch(&mut *tx, conversation_id.as_str()).await?;
-    }
-    let queued = RunEvent::Queued {
-        conversation_id: conversation_id.clone(),
-        position: u32::try_from(position).unwrap_or(u32::MAX),
-    };
-    run_events::insert_many(
-        &mut tx,
-        run_id.as_str(),
-        &[StoredEvent {
-            seq: 1,
-            kind: queued.kind(),
-            data: queued.data_json().into(),
-        }],
-    )
-    .await?;
-    tx.commit().await?;
-
     // After the commit nothing can lose the turn: failures below are repaired by the sweeper.
     for queued in interrupted {
         let queued = RunId::from_trusted(queued);
@@ -220,6 +199,20 @@ pub async fn accept(
         run_id,
         conversation_id,
     })
+}
+
+/// The run's first event, `run.queued`, and its stored form (seq 1).
+fn queued_event(conversation_id: &ConversationId, position: i64) -> (RunEvent, StoredEvent) {
+    let queued = RunEvent::Queued {
+        conversation_id: conversation_id.clone(),
+        position: u32::try_from(position).unwrap_or(u32::MAX),
+    };
+    let stored = StoredEvent {
+        seq: 1,
+        kind: queued.kind(),
+        data: queued.data_json().into(),
+    };
+    (queued, stored)
 }
 
 fn replay(existing: &runs::Run, hash: &str) -> Result<AcceptedTurn, ApiError> {

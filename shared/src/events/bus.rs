@@ -5,7 +5,14 @@
 //! publishes it. Doing the three in one script keeps the Stream and the live channel in the
 //! same order, and costs one round trip.
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use redis::{AsyncCommands, aio::ConnectionManager};
 use tokio::time::Instant;
@@ -68,6 +75,10 @@ pub struct EventBus {
     prefix: String,
     finished_ttl: Duration,
     script: redis::Script,
+    /// When Redis last answered a publish or a ping of this bus (any clone), as
+    /// milliseconds since `created`.
+    answered_ms: Arc<AtomicU64>,
+    created: Instant,
 }
 
 impl std::fmt::Debug for EventBus {
@@ -99,7 +110,17 @@ impl EventBus {
             prefix: prefix.to_owned(),
             finished_ttl,
             script: redis::Script::new(PUBLISH_SCRIPT),
+            answered_ms: Arc::new(AtomicU64::new(0)),
+            created: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.created.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn answered(&self) {
+        self.answered_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// The pub/sub channel every event is published on.
@@ -162,6 +183,7 @@ impl EventBus {
             .arg(LOST_COUNTER_GAP)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        self.answered();
         Ok(seq)
     }
 
@@ -195,6 +217,7 @@ impl EventBus {
             .arg(LOST_COUNTER_GAP)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        self.answered();
         Ok(seq)
     }
 
@@ -253,9 +276,23 @@ impl EventBus {
             let _: String = redis::cmd("PING")
                 .query_async(&mut self.conn.clone())
                 .await?;
-            Ok(())
+            Ok::<(), EventError>(())
         })
-        .await
+        .await?;
+        self.answered();
+        Ok(())
+    }
+
+    /// [`Self::ping`], unless Redis answered this bus within `fresh` (a busy worker's
+    /// connection is known to be alive; only an idle one may have died unnoticed).
+    pub async fn ping_if_idle(&self, fresh: Duration) -> Result<(), EventError> {
+        let idle_ms = self
+            .now_ms()
+            .saturating_sub(self.answered_ms.load(Ordering::Relaxed));
+        if u128::from(idle_ms) < fresh.as_millis() {
+            return Ok(());
+        }
+        self.ping().await
     }
 }
 

@@ -100,16 +100,6 @@ pub async fn touch_many(conn: impl PgExecutor<'_>, ids: &[&str]) -> sqlx::Result
     Ok(())
 }
 
-pub async fn touch(conn: impl PgExecutor<'_>, id: &str) -> sqlx::Result<()> {
-    sqlx::query!(
-        "UPDATE conversations SET updated_at = now() WHERE id = $1",
-        id
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 pub async fn get(
     conn: impl PgExecutor<'_>,
     user: &UserId,

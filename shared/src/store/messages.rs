@@ -22,59 +22,15 @@ pub struct Message {
     pub run_queued_at: Option<DateTime<Utc>>,
 }
 
-/// A message to insert.
+/// A message a run adds to its conversation (see [`super::runs::finish_attempt`]).
 #[derive(Debug, Clone)]
 pub struct NewMessage<'a> {
     pub id: MessageId,
-    pub conversation_id: &'a str,
-    pub user_id: &'a str,
-    pub run_id: &'a str,
     pub role: &'a str,
     pub content: &'a str,
     pub tool_calls: Value,
     pub tool_call_id: Option<&'a str>,
     pub status: Option<&'a str>,
-}
-
-/// Inserts messages in one statement; they take their history positions in slice order.
-pub async fn insert_many(conn: &mut PgConnection, messages: &[NewMessage<'_>]) -> sqlx::Result<()> {
-    fn column<'m, T>(
-        messages: &'m [NewMessage<'_>],
-        f: impl Fn(&'m NewMessage<'_>) -> T,
-    ) -> Vec<T> {
-        messages.iter().map(f).collect()
-    }
-    let ids = column(messages, |m| m.id.as_str());
-    let conversation_ids = column(messages, |m| m.conversation_id);
-    let user_ids = column(messages, |m| m.user_id);
-    let run_ids = column(messages, |m| m.run_id);
-    let roles = column(messages, |m| m.role);
-    let contents = column(messages, |m| m.content);
-    let tool_calls = column(messages, |m| m.tool_calls.clone());
-    let tool_call_ids = column(messages, |m| m.tool_call_id);
-    let statuses = column(messages, |m| m.status);
-    // `ORDER BY n` makes the identity column number the rows in slice order.
-    sqlx::query!(
-        r#"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content, tool_calls, tool_call_id, status)
-           SELECT id, conversation_id, user_id, run_id, role, content, tool_calls, tool_call_id, status
-           FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                       $7::jsonb[], $8::text[], $9::text[])
-                WITH ORDINALITY
-                AS m(id, conversation_id, user_id, run_id, role, content, tool_calls, tool_call_id, status, n)
-           ORDER BY n"#,
-        &ids as &[&str],
-        &conversation_ids as &[&str],
-        &user_ids as &[&str],
-        &run_ids as &[&str],
-        &roles as &[&str],
-        &contents as &[&str],
-        &tool_calls,
-        &tool_call_ids as &[Option<&str>],
-        &statuses as &[Option<&str>]
-    )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// The user messages of many runs at once (a batch's lines), each with status `NULL`.

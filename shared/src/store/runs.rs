@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use sqlx::{PgConnection, PgExecutor};
 
-use crate::ids::UserId;
+use super::messages::NewMessage;
+use crate::{events::StoredEvent, ids::UserId};
 
 /// A stored run.
 #[derive(Debug, Clone)]
@@ -24,32 +25,59 @@ pub struct Run {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// A run to insert (status `queued`).
-#[derive(Debug, Clone)]
-pub struct NewRun<'a> {
-    pub id: &'a str,
+/// A chat turn to store: its run (status `queued`), the user's message and the run's first
+/// event; the conversation is inserted when `new_conversation_title` is set and touched
+/// otherwise.
+#[derive(Debug, Clone, Copy)]
+pub struct NewTurn<'a> {
+    pub run_id: &'a str,
     pub user_id: &'a str,
     pub conversation_id: &'a str,
+    pub new_conversation_title: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
-    pub request_hash: Option<&'a str>,
-    pub batch_id: Option<&'a str>,
-    pub custom_id: Option<&'a str>,
+    pub request_hash: &'a str,
+    pub message_id: &'a str,
+    pub message: &'a str,
+    pub first_event: &'a StoredEvent,
 }
 
-pub async fn insert(conn: &mut PgConnection, run: NewRun<'_>) -> sqlx::Result<DateTime<Utc>> {
-    sqlx::query_scalar!(
-        r#"INSERT INTO runs (id, user_id, conversation_id, status, idempotency_key, request_hash, batch_id, custom_id)
-           VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7) RETURNING queued_at"#,
-        run.id,
-        run.user_id,
-        run.conversation_id,
-        run.idempotency_key,
-        run.request_hash,
-        run.batch_id,
-        run.custom_id
+/// Stores a turn with one statement (one round trip: acceptance is on every turn's critical
+/// path). On a pool it commits on its own; in a transaction it joins it. Fails with a unique
+/// violation when the user already has a run with the idempotency key.
+pub async fn insert_turn(conn: impl PgExecutor<'_>, turn: NewTurn<'_>) -> sqlx::Result<()> {
+    let event_data: Value = serde_json::from_str(&turn.first_event.data).unwrap_or_default();
+    // Data-modifying CTEs run with one snapshot, and the foreign-key checks at the end of the
+    // statement see the conversation inserted by the same statement.
+    sqlx::query!(
+        r#"WITH conversation AS (
+               INSERT INTO conversations (id, user_id, title)
+               SELECT $3, $2, $4::text WHERE $4::text IS NOT NULL),
+           touched AS (
+               UPDATE conversations SET updated_at = now()
+               WHERE id = $3 AND $4::text IS NULL),
+           run AS (
+               INSERT INTO runs (id, user_id, conversation_id, status, idempotency_key, request_hash)
+               VALUES ($1, $2, $3, 'queued', $5, $6)),
+           message AS (
+               INSERT INTO messages (id, conversation_id, user_id, run_id, role, content)
+               VALUES ($7, $3, $2, $1, 'user', $8))
+           INSERT INTO run_events (run_id, seq, kind, data)
+           VALUES ($1, $9, $10, $11)"#,
+        turn.run_id,
+        turn.user_id,
+        turn.conversation_id,
+        turn.new_conversation_title,
+        turn.idempotency_key,
+        turn.request_hash,
+        turn.message_id,
+        turn.message,
+        i64::try_from(turn.first_event.seq).unwrap_or(1),
+        turn.first_event.kind.as_str(),
+        event_data
     )
-    .fetch_one(conn)
-    .await
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// The runs of a batch, one per line, to insert at once (status `queued`).
@@ -395,31 +423,93 @@ pub async fn due_for_sweep(
     Ok(rows.into_iter().map(|r| (r.id, r.batch_id)).collect())
 }
 
-/// Ends `attempt` of a run held by `worker` with `status`, and touches its conversation. `false`
-/// (and nothing written) when the attempt no longer holds the run: a newer attempt took it over.
-/// The row lock this takes serialises the commit against a concurrent takeover.
+/// How an attempt ended: what [`finish_attempt`] writes.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedAttempt<'a> {
+    pub id: &'a str,
+    pub attempt: i32,
+    pub worker: &'a str,
+    pub status: &'a str,
+    pub error: Option<&'a Value>,
+    /// The messages the attempt adds to the conversation, in history order.
+    pub messages: &'a [NewMessage<'a>],
+    /// The run's durable events (events already stored are left as they are).
+    pub events: &'a [StoredEvent],
+}
+
+/// Ends `attempt` of a run held by `worker`: its status, its messages and its events, and
+/// touches its conversation — one statement, so the final commit costs one round trip. `false`
+/// (and nothing written) when the attempt no longer holds the run: a newer attempt took it
+/// over. The row lock this takes serialises the commit against a concurrent takeover.
 pub async fn finish_attempt(
     conn: &mut PgConnection,
-    id: &str,
-    attempt: i32,
-    worker: &str,
-    status: &str,
-    error: Option<&Value>,
+    end: FinishedAttempt<'_>,
 ) -> sqlx::Result<bool> {
+    fn column<'m, T>(
+        messages: &'m [NewMessage<'_>],
+        f: impl Fn(&'m NewMessage<'_>) -> T,
+    ) -> Vec<T> {
+        messages.iter().map(f).collect()
+    }
+    let m = end.messages;
+    let message_ids = column(m, |m| m.id.as_str());
+    let roles = column(m, |m| m.role);
+    let contents = column(m, |m| m.content);
+    let tool_calls = column(m, |m| m.tool_calls.clone());
+    let tool_call_ids = column(m, |m| m.tool_call_id);
+    let statuses = column(m, |m| m.status);
+    let seqs: Vec<i64> = end
+        .events
+        .iter()
+        .map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX))
+        .collect();
+    let kinds: Vec<&str> = end.events.iter().map(|e| e.kind.as_str()).collect();
+    let data: Vec<Value> = end
+        .events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap_or_default())
+        .collect();
+    // The inserts read `finished`, so they write nothing when the guard matched no row.
+    // `ORDER BY n` makes the messages' identity column number them in slice order.
     sqlx::query_scalar!(
         r#"WITH finished AS (
                UPDATE runs SET status = $4, error = $5, finished_at = now(), worker = NULL
                WHERE id = $1 AND attempt = $2 AND worker = $3 AND status = 'running'
-               RETURNING conversation_id),
+               RETURNING user_id, conversation_id),
            touched AS (
                UPDATE conversations SET updated_at = now()
-               WHERE id IN (SELECT conversation_id FROM finished))
+               WHERE id IN (SELECT conversation_id FROM finished)),
+           answer AS (
+               INSERT INTO messages (id, conversation_id, user_id, run_id, role, content,
+                                     tool_calls, tool_call_id, status)
+               SELECT m.id, f.conversation_id, f.user_id, $1, m.role, m.content, m.tool_calls,
+                      m.tool_call_id, m.status
+               FROM finished f,
+                    UNNEST($6::text[], $7::text[], $8::text[], $9::jsonb[], $10::text[],
+                           $11::text[])
+                    WITH ORDINALITY AS m(id, role, content, tool_calls, tool_call_id, status, n)
+               ORDER BY m.n),
+           events AS (
+               INSERT INTO run_events (run_id, seq, kind, data)
+               SELECT $1, e.seq, e.kind, e.data
+               FROM finished,
+                    UNNEST($12::bigint[], $13::text[], $14::jsonb[]) AS e(seq, kind, data)
+               ON CONFLICT DO NOTHING)
            SELECT EXISTS (SELECT 1 FROM finished) AS "finished!""#,
-        id,
-        attempt,
-        worker,
-        status,
-        error
+        end.id,
+        end.attempt,
+        end.worker,
+        end.status,
+        end.error,
+        &message_ids as &[&str],
+        &roles as &[&str],
+        &contents as &[&str],
+        &tool_calls,
+        &tool_call_ids as &[Option<&str>],
+        &statuses as &[Option<&str>],
+        &seqs,
+        &kinds as &[&str],
+        &data
     )
     .fetch_one(conn)
     .await

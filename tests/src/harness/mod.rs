@@ -85,11 +85,19 @@ impl TestDb {
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut conn)
             .await?;
-        let base = admin
-            .rsplit_once('/')
-            .map_or(admin.as_str(), |(base, _)| base);
+        // The database is the URL's path; its query (e.g. `?host=/var/run/postgresql` for the
+        // Unix socket) applies to the new database too.
+        let (location, query) = admin
+            .split_once('?')
+            .map_or((admin.as_str(), ""), |(location, query)| (location, query));
+        let base = location.rsplit_once('/').map_or(location, |(base, _)| base);
+        let query = if query.is_empty() {
+            String::new()
+        } else {
+            format!("?{query}")
+        };
         Ok(Self {
-            url: format!("{base}/{name}"),
+            url: format!("{base}/{name}{query}"),
             name,
         })
     }
