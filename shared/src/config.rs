@@ -381,6 +381,36 @@ pub struct WorkerConfig {
     /// `SHUTDOWN_GRACE_SECS` (default 30): on SIGTERM, how long in-flight runs may finish
     /// before they are handed back to the queue.
     pub shutdown_grace: Duration,
+    /// `CONVEYOR_FAULT_INJECT` (tests only, unset in production): a crash to stage on purpose.
+    pub fault_injection: Option<FaultInjection>,
+}
+
+/// A crash the worker stages on purpose so that the fault tests can hit a point no signal
+/// from outside can hit reliably. Compiled into every build, inert unless
+/// `CONVEYOR_FAULT_INJECT` names it; never set it outside tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultInjection {
+    /// `abort_after_tool_call`: abort the process (no unwinding, no cleanup, like `kill -9`)
+    /// right after a tool call of a run's first attempt has returned, before the call is
+    /// written to the run's journal. The tool's side effect is then committed by the MCP
+    /// server but unknown to Postgres's journal, the window its idempotency record covers.
+    AbortAfterToolCall,
+}
+
+impl FaultInjection {
+    const VAR: &str = "CONVEYOR_FAULT_INJECT";
+
+    fn from_env(env: &dyn Env) -> Result<Option<Self>, ConfigError> {
+        match env.get(Self::VAR).as_deref() {
+            None => Ok(None),
+            Some("abort_after_tool_call") => Ok(Some(Self::AbortAfterToolCall)),
+            Some(other) => Err(ConfigError::Invalid {
+                var: Self::VAR.into(),
+                value: other.to_owned(),
+                expected: "abort_after_tool_call (tests only), or unset".into(),
+            }),
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -410,6 +440,7 @@ impl WorkerConfig {
             llm_retry_min_delay: millis(env, "LLM_RETRY_MIN_DELAY_MS", 200)?,
             llm_retry_max_delay: millis(env, "LLM_RETRY_MAX_DELAY_MS", 10_000)?,
             shutdown_grace: seconds(env, "SHUTDOWN_GRACE_SECS", 30)?,
+            fault_injection: FaultInjection::from_env(env)?,
         })
     }
 }
@@ -526,6 +557,29 @@ mod tests {
         ]))
         .unwrap_err();
         assert!(err.to_string().contains("AGENT_MAX_TURNS"), "{err}");
+    }
+
+    #[test]
+    fn fault_injection_is_off_unless_named() {
+        let base = [("DATABASE_URL", "x"), ("LLM_PROVIDER", "ollama")];
+        assert_eq!(
+            WorkerConfig::from_env(&env(&base)).unwrap().fault_injection,
+            None
+        );
+        let mut pairs = base.to_vec();
+        pairs.push(("CONVEYOR_FAULT_INJECT", "abort_after_tool_call"));
+        assert_eq!(
+            WorkerConfig::from_env(&env(&pairs))
+                .unwrap()
+                .fault_injection,
+            Some(FaultInjection::AbortAfterToolCall)
+        );
+        let mut pairs = base.to_vec();
+        pairs.push(("CONVEYOR_FAULT_INJECT", "abort"));
+        let err = WorkerConfig::from_env(&env(&pairs))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("CONVEYOR_FAULT_INJECT"), "{err}");
     }
 
     #[test]

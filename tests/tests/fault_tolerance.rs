@@ -1,7 +1,12 @@
-//! Faults: a worker killed mid-answer, and a model that fails transiently.
+//! Faults: a worker killed mid-answer or between a tool's commit and its journal row, and a
+//! model that fails transiently.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::process::ExitStatusExt,
+    time::{Duration, Instant},
+};
 
+use anyhow::Context;
 use conveyor_e2e::harness::{
     Backends, RedisMode, SseEvent, SseStream, Stack, StackOptions, assert_gap_free, eventually,
 };
@@ -234,6 +239,207 @@ async fn a_takeover_after_redis_lost_its_data_never_reuses_a_seq() -> anyhow::Re
     assert_eq!(tasks, 1, "the tool's side effect happened once");
     println!(
         "FAULT-MATRIX | worker kill -9 and Redis data loss mid-answer | runs=1 completed=1 failed=0 lost=0 duplicated_side_effects=0 | recovery={:.1}s",
+        recovered_after.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The worker dies exactly between the MCP server's commit and its own journal write (it
+/// aborts there on purpose with `CONVEYOR_FAULT_INJECT=abort_after_tool_call`): the task exists
+/// but the run's journal does not know it. The attempt that takes over calls the tool again
+/// with the same idempotency key and gets the stored result, so the user has one task, one
+/// answer and one terminal state, and a stream resumed with `Last-Event-ID` has no gap.
+#[tokio::test]
+async fn a_crash_between_the_tools_commit_and_the_journal_write_creates_the_task_once()
+-> anyhow::Result<()> {
+    const USER: &str = "noa";
+    let mut stack = Stack::start(StackOptions {
+        workers: 0,
+        ..StackOptions::default()
+    })
+    .await?;
+    let db = stack.db.pool().await?;
+    // Only the first worker crashes on purpose; the one that takes over is a normal worker.
+    let victim =
+        stack.add_worker_with_env(&[("CONVEYOR_FAULT_INJECT", "abort_after_tool_call")])?;
+
+    let mut sse = SseStream::open(
+        stack
+            .http
+            .post(stack.url(&format!("/api/{USER}/chat")))
+            .json(&json!({ "message": "add buy milk" })),
+    )
+    .await?;
+    let mut seen = Vec::new();
+    while let Some(event) = sse.next_event().await? {
+        let tool_call = event.event == "tool.call";
+        seen.push(event);
+        if tool_call {
+            break;
+        }
+    }
+    let run_id = seen[0].data["run_id"]
+        .as_str()
+        .context("run_id")?
+        .to_owned();
+    assert_eq!(
+        seen.last().map(|e| e.event.as_str()),
+        Some("tool.call"),
+        "{seen:?}"
+    );
+    // The client loses its connection; it will resume after the last event it saw.
+    drop(sse);
+
+    let status = eventually(Duration::from_secs(30), || {
+        let status = stack.worker_exit_status(victim);
+        async move { status }
+    })
+    .await
+    .context("the worker with the fault injection did not crash")?;
+    let crashed_at = Instant::now();
+    assert_eq!(
+        status.signal(),
+        Some(6),
+        "the worker aborted (SIGABRT) at the injected point: {status:?}"
+    );
+
+    // The crash point: the server committed the task and its idempotency record, the worker
+    // journaled nothing, and the run is still held by the dead attempt.
+    let tasks: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM tasks WHERE user_id = $1 AND title = 'buy milk'")
+            .bind(USER)
+            .fetch_all(&db)
+            .await?;
+    assert_eq!(tasks.len(), 1, "the tool committed before the crash");
+    let journaled: i64 = sqlx::query_scalar("SELECT count(*) FROM run_steps WHERE run_id = $1")
+        .bind(&run_id)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(journaled, 0, "the crash came before the journal write");
+    let keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tool_idempotency WHERE user_id = $1 AND key LIKE $2 || ':%'",
+    )
+    .bind(USER)
+    .bind(&run_id)
+    .fetch_one(&db)
+    .await?;
+    assert_eq!(
+        keys, 1,
+        "the effect was stored with the run's idempotency key"
+    );
+    let (status, attempt): (String, i32) =
+        sqlx::query_as("SELECT status, attempt FROM runs WHERE id = $1")
+            .bind(&run_id)
+            .fetch_one(&db)
+            .await?;
+    assert_eq!((status.as_str(), attempt), ("running", 1));
+
+    // Another worker takes the run over once the dead one's heartbeats are stale.
+    let survivor = stack.add_worker_with_env(&[])?;
+    let survivor_pid = stack
+        .worker_pids()
+        .last()
+        .copied()
+        .context("survivor pid")?;
+    let resume_after = seen.last().map(SseEvent::seq).context("a seen event")?;
+    let mut resumed = stack
+        .open_sse(
+            &format!("/api/{USER}/runs/{run_id}/events"),
+            Some(resume_after),
+        )
+        .await?;
+    assert_eq!(resumed.status, 200);
+    let rest = resumed
+        .collect_until_terminal(Duration::from_secs(90))
+        .await?;
+    let recovered_after = crashed_at.elapsed();
+    assert!(stack.worker_exit_status(survivor)?.is_none());
+
+    let mut events = seen;
+    events.extend(rest);
+    assert_gap_free(&events, 1);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        events.iter().filter(|e| e.is_terminal()).count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(kinds.last(), Some(&"run.completed"), "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "message.completed").count(),
+        1,
+        "{kinds:?}"
+    );
+    let retry = kinds.iter().position(|k| *k == "run.retrying");
+    let restarted = kinds.iter().rposition(|k| *k == "run.started");
+    assert!(
+        matches!((retry, restarted), (Some(r), Some(s)) if r < s),
+        "the takeover announces itself: {kinds:?}"
+    );
+    let restarted = &events[restarted.unwrap_or_default()];
+    assert_eq!(restarted.data["attempt"], 2);
+    assert!(
+        restarted.data["worker"]
+            .as_str()
+            .is_some_and(|w| w.contains(&format!(":{survivor_pid}:"))),
+        "the survivor ran the second attempt: {restarted:?}"
+    );
+    // The second attempt's tool call was answered with the stored result: the same task.
+    let results: Vec<&SseEvent> = events.iter().filter(|e| e.event == "tool.result").collect();
+    assert_eq!(results.len(), 1, "{kinds:?}");
+    assert_eq!(results[0].data["ok"], true, "{:?}", results[0]);
+    assert_eq!(
+        results[0].data["result"]["task"]["id"], tasks[0],
+        "{:?}",
+        results[0]
+    );
+
+    let count_tasks: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE user_id = $1")
+        .bind(USER)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(count_tasks, 1, "the task was created exactly once");
+    let journaled: i64 = sqlx::query_scalar("SELECT count(*) FROM run_steps WHERE run_id = $1")
+        .bind(&run_id)
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(journaled, 1, "the takeover journaled the call");
+    let conversation_id = events[0].data["conversation_id"]
+        .as_str()
+        .context("conversation_id")?;
+    let (_, history) = stack
+        .get_json(&format!(
+            "/api/{USER}/conversations/{conversation_id}/messages"
+        ))
+        .await?;
+    let messages = history["data"].as_array().context("history")?;
+    let roles: Vec<&str> = messages
+        .iter()
+        .map(|m| m["role"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        roles,
+        ["user", "assistant", "tool", "assistant"],
+        "no lost user message, no duplicated assistant message"
+    );
+    assert_eq!(messages[0]["content"], "add buy milk");
+    let (_, run) = stack
+        .get_json(&format!("/api/{USER}/runs/{run_id}"))
+        .await?;
+    assert_eq!(run["status"], "completed");
+    assert_eq!(run["attempt"], 2);
+    let terminal_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM run_events WHERE run_id = $1 \
+         AND kind IN ('run.completed', 'run.failed', 'run.cancelled')",
+    )
+    .bind(&run_id)
+    .fetch_one(&db)
+    .await?;
+    assert_eq!(terminal_rows, 1, "one terminal state is stored");
+    println!(
+        "FAULT-MATRIX | worker crash between the MCP server's commit and the journal write \
+         (CONVEYOR_FAULT_INJECT=abort_after_tool_call) | runs=1 completed=1 failed=0 lost=0 \
+         duplicated_side_effects=0 | recovery={:.1}s (stored result replayed by idempotency key)",
         recovered_after.as_secs_f64()
     );
     Ok(())

@@ -747,6 +747,165 @@ async fn sigterm_hands_back_runs_that_outlive_the_grace_period() -> anyhow::Resu
     Ok(())
 }
 
+/// SIGTERM while 16 runs are mid-answer on one worker with 16 slots and a 60 s grace: every run
+/// finishes and is acknowledged at once, nothing is handed back, and the process exits as soon
+/// as the last run is done instead of at the grace deadline. (apalis's acknowledgement channel
+/// used to stall a stopped worker once more than four jobs finished during the drain: it then
+/// waited out the whole grace and handed back runs that had already finished.)
+#[tokio::test]
+async fn sigterm_drain_acknowledges_every_finished_run_and_exits_before_the_grace()
+-> anyhow::Result<()> {
+    const TURNS: usize = 16;
+    const GRACE_SECS: u64 = 60;
+    let stack = Stack::start(StackOptions {
+        workers: 1,
+        worker_concurrency: TURNS,
+        env: env(&[("SHUTDOWN_GRACE_SECS", &GRACE_SECS.to_string())]),
+        ..StackOptions::default()
+    })
+    .await?;
+    let db = stack.db.pool().await?;
+    let victim = stack.worker_pids()[0];
+
+    // A tool call, then an answer of 80 words at 50 ms a word (~4 s): all runs are mid-answer
+    // together when the signal arrives.
+    let mut turns = Vec::with_capacity(TURNS);
+    for n in 0..TURNS {
+        let message = format!(
+            "add drain item {n} [[chunk_delay_ms=50 text={}]]",
+            words(80)
+        );
+        turns.push(post_turn(&stack, &format!("d{}", n % 4), &message).await?);
+    }
+    let mut readers = JoinSet::new();
+    for (index, turn) in turns.iter().enumerate() {
+        let mut stream = open_run_stream(&stack, turn).await?;
+        readers.spawn(async move {
+            let events = stream.collect_until_terminal(RUN_DEADLINE).await;
+            (index, events, Instant::now())
+        });
+    }
+    // Every run is running with its tool call journaled: answering.
+    eventually(Duration::from_mins(1), || {
+        let db = &db;
+        async move {
+            let (running, answering): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE EXISTS \
+                 (SELECT 1 FROM run_steps s WHERE s.run_id = r.id)) \
+                 FROM runs r WHERE status = 'running'",
+            )
+            .fetch_one(db)
+            .await?;
+            Ok((running == count(TURNS) && answering == count(TURNS)).then_some(()))
+        }
+    })
+    .await
+    .context("the worker never had all runs mid-answer at once")?;
+    send_signal(victim, "TERM")?;
+    let signalled = Instant::now();
+
+    let exited = eventually(Duration::from_secs(GRACE_SECS + 10), || async move {
+        Ok((!is_running(victim)).then(|| signalled.elapsed()))
+    })
+    .await
+    .context("the worker did not exit after SIGTERM")?;
+    let mut streams: Vec<Option<anyhow::Result<Vec<SseEvent>>>> =
+        std::iter::repeat_with(|| None).take(TURNS).collect();
+    let mut last_done = Duration::ZERO;
+    while let Some(joined) = readers.join_next().await {
+        let (index, events, at) = joined?;
+        last_done = last_done.max(at.saturating_duration_since(signalled));
+        streams[index] = Some(events);
+    }
+
+    let mut problems = Vec::new();
+    for (turn, events) in turns.iter().zip(&streams) {
+        match events {
+            Some(Ok(events)) => {
+                if let Err(problem) = check_stream(events) {
+                    problems.push(format!("{}: {problem}", turn.run_id));
+                }
+                if count_events(events, "run.retrying") > 0 {
+                    problems.push(format!("{}: retried during the drain", turn.run_id));
+                }
+            }
+            Some(Err(error)) => problems.push(format!("{}: {error:#}", turn.run_id)),
+            None => problems.push(format!("{}: no stream", turn.run_id)),
+        }
+        let roles = history_roles(&stack, turn).await?;
+        if roles != TOOL_TURN_HISTORY {
+            problems.push(format!("history of {}: {roles:?}", turn.run_id));
+        }
+    }
+    let attempts: Vec<(String, i32, String)> =
+        sqlx::query_as("SELECT id, attempt, status FROM runs ORDER BY id")
+            .fetch_all(&db)
+            .await?;
+    let expected: HashSet<(String, String)> = (0..TURNS)
+        .map(|n| (format!("d{}", n % 4), format!("drain item {n}")))
+        .collect();
+    let tasks = task_counts(&db).await?;
+    let duplicated = duplicated_tasks(&tasks, &expected);
+    let (user_messages, assistant_messages) = message_counts(&db).await?;
+
+    // What the queue holds once the only worker is gone: a handed-back job would wait in the
+    // active list (nobody is left to take it); an acknowledged one is in the done set.
+    let mut redis = redis::Client::open(stack.redis_url())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let queue = format!("{}:chat", stack.redis_prefix);
+    let (waiting, scheduled, done, dead): (u64, u64, u64, u64) = redis::pipe()
+        .llen(format!("{queue}:active"))
+        .zcard(format!("{queue}:scheduled"))
+        .scard(format!("{queue}:done"))
+        .zcard(format!("{queue}:dead"))
+        .query_async(&mut redis)
+        .await?;
+
+    let completed = attempts.iter().filter(|r| r.2 == "completed").count();
+    let failed = attempts.iter().filter(|r| r.2 == "failed").count();
+    println!(
+        "SIGTERM drain: {TURNS} runs mid-answer; the last ended {} after the signal, the worker \
+         exited after {} (grace {GRACE_SECS}s); queue: {done} acknowledged, {waiting} handed \
+         back, {scheduled} scheduled, {dead} dead",
+        seconds(last_done),
+        seconds(exited),
+    );
+    println!(
+        "FAULT-MATRIX | worker SIGTERM with {TURNS} runs mid-answer (concurrency {TURNS}, grace \
+         {GRACE_SECS}s) | runs={TURNS} completed={completed} failed={failed} lost={} \
+         duplicated_side_effects={} | recovery={} ({done} acknowledged, {waiting} handed \
+         back; worker exit {})",
+        TURNS - completed - failed,
+        duplicated + (assistant_messages - 2 * count(TURNS)).max(0),
+        seconds(last_done),
+        seconds(exited),
+    );
+
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(completed, TURNS, "{attempts:?}");
+    assert!(
+        attempts.iter().all(|r| r.1 == 1),
+        "every run finished in its first attempt: {attempts:?}"
+    );
+    assert_eq!(duplicated, 0, "{tasks:?}");
+    assert_eq!(tasks.len(), TURNS, "{tasks:?}");
+    assert_eq!(user_messages, count(TURNS));
+    assert_eq!(assistant_messages, 2 * count(TURNS));
+    assert_eq!(
+        (waiting, scheduled, dead),
+        (0, 0, 0),
+        "no finished run was handed back or retried"
+    );
+    assert_eq!(done, TURNS as u64, "every job was acknowledged");
+    assert!(
+        exited < Duration::from_secs(GRACE_SECS / 2),
+        "the worker exits once its runs are done, well before the {GRACE_SECS}s grace: \
+         {exited:?} (last run done after {last_done:?})"
+    );
+    Ok(())
+}
+
 /// `kill -9` of the worker's MCP server: while the replacement is starting, a tool call
 /// answers a clear tool error at once (the run still completes, with nothing created); then
 /// tools work again on a new child process.

@@ -133,7 +133,14 @@ pub async fn run(
             min_delay: config.llm_retry_min_delay,
             max_delay: config.llm_retry_max_delay.max(config.llm_retry_min_delay),
         },
+        fault_injection: config.fault_injection,
     };
+    if let Some(fault) = config.fault_injection {
+        tracing::warn!(
+            ?fault,
+            "CONVEYOR_FAULT_INJECT is set: this worker will crash on purpose (tests only)"
+        );
+    }
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".to_owned());
     let worker_name = unique_worker_name(&host);
     let executor = RunExecutor {

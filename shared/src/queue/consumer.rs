@@ -33,15 +33,34 @@
 //! that take seconds, one Lua call per job costs nothing.
 //!
 //! **Shutdown.** On cancellation every worker stops fetching and waits for its in-flight
-//! handlers, heart-beating meanwhile (apalis does not while it drains), until
-//! [`ConsumerConfig::shutdown_grace`]; handlers still running then are cancelled and their jobs
-//! handed back to the head of the queue for another worker, with a wake-up.
+//! handlers until [`ConsumerConfig::shutdown_grace`]; handlers still running then are cancelled
+//! and their jobs handed back to the head of the queue for another worker, with a wake-up.
+//!
+//! The worker is *paused* for that wait, not stopped. apalis acknowledges a finished job by
+//! sending it down a bounded channel (`batch_size × 4` = 4 slots) that only its fetch-side loop
+//! reads, and a stopped apalis worker no longer runs that loop until every job has finished. So
+//! with more than four jobs finishing during a stopped worker's drain, the fifth job's future
+//! waited forever for a slot, the worker never ended, and at the deadline jobs that had long
+//! finished were handed back. A paused worker keeps reading the channel (and heart-beating)
+//! while it fetches nothing; once apalis has finished the future of every job it started (its
+//! event stream counts them), it is stopped, which writes the last acknowledgements and ends it.
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
-use apalis::prelude::{BackendExt, WorkerBuilder, WorkerBuilderExt, WorkerContext, WorkerError};
+use apalis::prelude::{
+    BackendExt, Event, WorkerBuilder, WorkerBuilderExt, WorkerContext, WorkerError,
+};
 use apalis_redis::RedisStorage;
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::{Stream, StreamExt};
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use tokio::{sync::OnceCell, task::JoinSet, time::Instant};
@@ -378,6 +397,7 @@ impl Supervisor {
                 Arc::clone(&self.signal),
                 self.fallback_poll,
             ));
+        let dispatched = Arc::new(AtomicUsize::new(0));
         let worker = WorkerBuilder::new(&ctx)
             .backend(backend)
             .concurrency(self.concurrency)
@@ -387,39 +407,62 @@ impl Supervisor {
                 max_attempts: self.max_attempts,
                 tracker: tracker.clone(),
                 metrics: Arc::clone(&self.metrics),
+                dispatched: Arc::clone(&dispatched),
             });
-        let mut run = Box::pin(worker.run());
+        // Driven as a stream rather than with `run()`: the drain needs to see each job end.
+        let mut events = Box::pin(worker.stream());
+        let mut settled = 0;
         tracing::debug!(queue = %self.queue, worker = %self.name, concurrency = self.concurrency, "queue worker starting");
 
-        let outcome = tokio::select! {
-            outcome = &mut run => outcome.map_err(RunError::from),
-            () = stop.cancelled() => self.drain(run.as_mut(), &ctx, conn).await,
+        let outcome = loop {
+            tokio::select! {
+                event = events.next() => if let Some(end) = settle(event, &mut settled) {
+                    break end;
+                },
+                () = stop.cancelled() => {
+                    let jobs = Jobs { dispatched: &dispatched, settled };
+                    break self.drain(events.as_mut(), &ctx, jobs, conn).await;
+                }
+            }
         };
         // Dropping the worker cancels whatever handlers it still runs; wait until they are gone
         // before their jobs are handed back.
-        drop(run);
+        drop(events);
         tracker.close();
         tracker.wait().await;
         outcome
     }
 
-    /// Stops fetching and waits for in-flight handlers, at most `shutdown_grace`.
+    /// Stops fetching and waits for in-flight jobs, at most `shutdown_grace`: pauses the
+    /// worker, lets it run until apalis has finished every job it started, then stops it (see
+    /// the module docs for why it is not stopped at once).
     async fn drain(
         &self,
-        mut run: Pin<&mut (impl Future<Output = Result<(), WorkerError>> + ?Sized)>,
+        mut events: Pin<&mut (impl Stream<Item = Result<Event, WorkerError>> + ?Sized)>,
         ctx: &WorkerContext,
+        mut jobs: Jobs<'_>,
         mut conn: MeteredConnection,
     ) -> Result<(), RunError> {
-        if ctx.stop().is_err() {
+        if ctx.pause().is_err() {
             // Never started: nothing fetched, nothing running.
             return Ok(());
         }
         let deadline = tokio::time::sleep(self.shutdown_grace);
         tokio::pin!(deadline);
         let mut keep_alive = tokio::time::interval(self.apalis.heartbeat_interval);
+        let mut stopping = false;
         loop {
+            if !stopping && jobs.all_settled() {
+                // Every job's acknowledgement is queued; stopping writes them and ends the worker.
+                stopping = true;
+                if let Err(error) = ctx.stop() {
+                    tracing::debug!(queue = %self.queue, %error, "stopping the drained worker");
+                }
+            }
             tokio::select! {
-                outcome = run.as_mut() => return outcome.map_err(RunError::from),
+                event = events.next() => if let Some(end) = settle(event, &mut jobs.settled) {
+                    return end;
+                },
                 () = &mut deadline => {
                     tracing::warn!(
                         queue = %self.queue,
@@ -429,8 +472,9 @@ impl Supervisor {
                     return Ok(());
                 }
                 _ = keep_alive.tick() => {
-                    // apalis stops heart-beating while it drains; without this, other workers would
-                    // take our still-running jobs after the orphan timeout.
+                    // apalis heart-beats while paused but not once stopped (its last
+                    // acknowledgements may wait on Redis); without this, other workers could take
+                    // our still-running jobs after the orphan timeout.
                     let alive: Result<u64, _> = redis::cmd("ZADD")
                         .arg(self.apalis.workers_set())
                         .arg("XX")
@@ -476,6 +520,38 @@ impl Supervisor {
                 tracing::warn!(queue = %self.queue, %error, "could not hand jobs back; they will be recovered as orphans");
             }
         }
+    }
+}
+
+/// Jobs apalis started for one worker, and how many of them it has finished with.
+struct Jobs<'a> {
+    /// Incremented by [`JobService`] as apalis hands it each job.
+    dispatched: &'a AtomicUsize,
+    /// Counted from the worker's event stream: one success or error event per job whose
+    /// future has ended, i.e. whose acknowledgement is queued.
+    settled: usize,
+}
+
+impl Jobs<'_> {
+    fn all_settled(&self) -> bool {
+        // `dispatched` only grows while the worker is polled, which only this task does.
+        self.settled >= self.dispatched.load(Ordering::Relaxed)
+    }
+}
+
+/// Accounts for one item of a worker's event stream; `Some` when the worker has ended.
+fn settle(
+    item: Option<Result<Event, WorkerError>>,
+    settled: &mut usize,
+) -> Option<Result<(), RunError>> {
+    match item {
+        None => Some(Ok(())),
+        Some(Err(error)) => Some(Err(error.into())),
+        Some(Ok(Event::Success(_) | Event::Error(_))) => {
+            *settled += 1;
+            None
+        }
+        Some(Ok(_)) => None,
     }
 }
 

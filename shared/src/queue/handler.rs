@@ -15,7 +15,10 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
 };
 
@@ -35,6 +38,9 @@ pub(crate) struct JobService<H> {
     pub(crate) max_attempts: usize,
     pub(crate) tracker: TaskTracker,
     pub(crate) metrics: Arc<ConsumerMetrics>,
+    /// Jobs apalis has handed to this service; the shutdown drain compares it with the jobs
+    /// apalis has finished with.
+    pub(crate) dispatched: Arc<AtomicUsize>,
 }
 
 impl<H, Fut> tower::Service<Task<Value>> for JobService<H>
@@ -52,6 +58,7 @@ where
     }
 
     fn call(&mut self, task: Task<Value>) -> Self::Future {
+        self.dispatched.fetch_add(1, Ordering::Relaxed);
         let handler = self.handler.clone();
         let queue = self.queue;
         let max_attempts = self.max_attempts;

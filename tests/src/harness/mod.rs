@@ -316,8 +316,15 @@ impl Stack {
 
     /// Starts one more worker process.
     pub fn add_worker(&mut self) -> anyhow::Result<()> {
+        self.add_worker_with_env(&[]).map(drop)
+    }
+
+    /// Starts one more worker process with `env` on top of the stack's environment (a fault
+    /// injection for this worker only, say); returns its index.
+    pub fn add_worker_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<usize> {
         let mut cmd = Command::new(binary("conveyor-worker"));
         self.common_env(&mut cmd);
+        cmd.envs(env.iter().copied());
         let metrics_addr = free_addr();
         cmd.env("WORKER_METRICS_ADDR", metrics_addr.to_string());
         self.worker_metrics_urls
@@ -332,7 +339,15 @@ impl Stack {
         .env("LLM_API_KEY", "test-key");
         self.workers
             .push(cmd.spawn().context("spawn conveyor-worker")?);
-        Ok(())
+        Ok(self.workers.len() - 1)
+    }
+
+    /// How the worker at `index` ended, or `None` while it runs.
+    pub fn worker_exit_status(
+        &mut self,
+        index: usize,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        Ok(self.workers[index].try_wait()?)
     }
 
     /// The API process's id, for reading its memory and CPU time from `/proc` (benchmarks).

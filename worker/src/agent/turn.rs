@@ -1,6 +1,7 @@
 //! The loop of one run attempt: model → tools → model … → text.
 
 use conveyor_shared::{
+    config::FaultInjection,
     events::RunEvent,
     llm::{LlmClient, LlmLimiter},
     store::run_steps,
@@ -31,6 +32,8 @@ pub struct Agent {
     pub db: PgPool,
     pub max_turns: u32,
     pub retry: RetryPolicy,
+    /// A crash staged for the fault tests (`CONVEYOR_FAULT_INJECT`); `None` in production.
+    pub fault_injection: Option<FaultInjection>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -250,6 +253,18 @@ impl Agent {
         };
         let key = format!("{}:{step}", scope.run_id);
         let outcome = self.mcp.call(name, arguments, ctx, &key).await;
+        if self.fault_injection == Some(FaultInjection::AbortAfterToolCall) && scope.attempt == 1 {
+            // The fault tests' crash point: the server has committed the effect, the journal
+            // has not. Only first attempts, so a takeover by a worker with the same setting
+            // still finishes the run.
+            tracing::error!(
+                run_id = scope.run_id,
+                step,
+                tool = name,
+                "CONVEYOR_FAULT_INJECT=abort_after_tool_call: aborting before the journal write"
+            );
+            std::process::abort();
+        }
         run_steps::insert(
             &self.db,
             scope.run_id,
