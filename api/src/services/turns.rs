@@ -108,10 +108,7 @@ pub async fn accept(
         .conversation_id
         .is_none()
         .then(|| title_of(&request.message));
-    let conversation_id = request
-        .conversation_id
-        .clone()
-        .unwrap_or_default();
+    let conversation_id = request.conversation_id.clone().unwrap_or_default();
     let turn = |first_event| runs::NewTurn {
         run_id: run_id.as_str(),
         user_id: user.as_str(),
