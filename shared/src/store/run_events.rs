@@ -10,15 +10,7 @@ pub async fn insert_many(
     run_id: &str,
     events: &[StoredEvent],
 ) -> sqlx::Result<()> {
-    let seqs: Vec<i64> = events
-        .iter()
-        .map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX))
-        .collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
-    let data: Vec<serde_json::Value> = events
-        .iter()
-        .map(|e| serde_json::from_str(&e.data).unwrap_or_default())
-        .collect();
+    let (seqs, kinds, data) = columns(events);
     sqlx::query!(
         r#"INSERT INTO run_events (run_id, seq, kind, data)
            SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::jsonb[])
@@ -31,6 +23,20 @@ pub async fn insert_many(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Events as the arrays of an `UNNEST($seqs::bigint[], $kinds::text[], $data::jsonb[])`.
+pub(crate) fn columns(events: &[StoredEvent]) -> (Vec<i64>, Vec<&str>, Vec<serde_json::Value>) {
+    let seqs = events
+        .iter()
+        .map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX))
+        .collect();
+    let kinds = events.iter().map(|e| e.kind.as_str()).collect();
+    let data = events
+        .iter()
+        .map(|e| serde_json::from_str(&e.data).unwrap_or_default())
+        .collect();
+    (seqs, kinds, data)
 }
 
 /// Stores the first event (seq 1) of many runs at once: a batch's `run.queued` events.

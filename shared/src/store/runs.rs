@@ -458,17 +458,7 @@ pub async fn finish_attempt(
     let tool_calls = column(m, |m| m.tool_calls.clone());
     let tool_call_ids = column(m, |m| m.tool_call_id);
     let statuses = column(m, |m| m.status);
-    let seqs: Vec<i64> = end
-        .events
-        .iter()
-        .map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX))
-        .collect();
-    let kinds: Vec<&str> = end.events.iter().map(|e| e.kind.as_str()).collect();
-    let data: Vec<Value> = end
-        .events
-        .iter()
-        .map(|e| serde_json::from_str(&e.data).unwrap_or_default())
-        .collect();
+    let (seqs, kinds, data) = super::run_events::columns(end.events);
     // The inserts read `finished`, so they write nothing when the guard matched no row.
     // `ORDER BY n` makes the messages' identity column number them in slice order.
     sqlx::query_scalar!(
