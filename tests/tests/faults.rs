@@ -135,6 +135,61 @@ async fn open_run_stream(stack: &Stack, turn: &Turn) -> anyhow::Result<SseStream
     Ok(stream)
 }
 
+/// A stream's events, as read to its terminal event.
+type StreamResult = anyhow::Result<Vec<SseEvent>>;
+
+/// Posts one turn per `(user, message)` and starts reading every run's stream to its terminal
+/// event; each reader yields its turn's index, its events and when it finished.
+async fn post_turns_and_read(
+    stack: &Stack,
+    turns: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<(Vec<Turn>, JoinSet<(usize, StreamResult, Instant)>)> {
+    let mut posted = Vec::new();
+    for (user, message) in turns {
+        posted.push(post_turn(stack, &user, &message).await?);
+    }
+    let mut readers = JoinSet::new();
+    for (index, turn) in posted.iter().enumerate() {
+        let mut stream = open_run_stream(stack, turn).await?;
+        readers.spawn(async move {
+            let events = stream.collect_until_terminal(RUN_DEADLINE).await;
+            (index, events, Instant::now())
+        });
+    }
+    Ok((posted, readers))
+}
+
+/// Sends SIGTERM to `pid` and waits up to `limit` for it to exit; returns when the signal was
+/// sent and how long the exit took.
+async fn terminate(pid: u32, limit: Duration) -> anyhow::Result<(Instant, Duration)> {
+    send_signal(pid, "TERM")?;
+    let signalled = Instant::now();
+    let exited = eventually(limit, || async move {
+        Ok((!is_running(pid)).then(|| signalled.elapsed()))
+    })
+    .await
+    .context("the worker did not exit after SIGTERM")?;
+    Ok((signalled, exited))
+}
+
+/// Waits for every reader; per turn, its stream (`None` if its reader never reported) and how
+/// long after `since` it finished.
+async fn join_readers(
+    mut readers: JoinSet<(usize, StreamResult, Instant)>,
+    turns: usize,
+    since: Instant,
+) -> anyhow::Result<(Vec<Option<StreamResult>>, Vec<Duration>)> {
+    let mut streams: Vec<Option<StreamResult>> =
+        std::iter::repeat_with(|| None).take(turns).collect();
+    let mut finished = vec![Duration::ZERO; turns];
+    while let Some(joined) = readers.join_next().await {
+        let (index, events, at) = joined?;
+        finished[index] = at.saturating_duration_since(since);
+        streams[index] = Some(events);
+    }
+    Ok((streams, finished))
+}
+
 /// The whole stream of a run, from seq 1 to its terminal event.
 async fn run_stream(stack: &Stack, turn: &Turn) -> anyhow::Result<Vec<SseEvent>> {
     open_run_stream(stack, turn)
@@ -455,22 +510,19 @@ async fn sigterm_during_load_loses_no_run() -> anyhow::Result<()> {
 
     // Slow turns: ~0.25 s to the tool call, then a 40-word answer, 25 ms a word. The time to
     // first token puts some runs before their tool call when the signal arrives.
-    let mut turns = Vec::with_capacity(TURNS);
-    for n in 0..TURNS {
-        let message = format!(
-            "add slow item {n} [[ttft_ms=200 chunk_delay_ms=25 text={}]]",
-            words(40)
-        );
-        turns.push(post_turn(&stack, &format!("s{}", n % 5), &message).await?);
-    }
-    let mut readers = JoinSet::new();
-    for (index, turn) in turns.iter().enumerate() {
-        let mut stream = open_run_stream(&stack, turn).await?;
-        readers.spawn(async move {
-            let events = stream.collect_until_terminal(RUN_DEADLINE).await;
-            (index, events, Instant::now())
-        });
-    }
+    let (turns, readers) = post_turns_and_read(
+        &stack,
+        (0..TURNS).map(|n| {
+            (
+                format!("s{}", n % 5),
+                format!(
+                    "add slow item {n} [[ttft_ms=200 chunk_delay_ms=25 text={}]]",
+                    words(40)
+                ),
+            )
+        }),
+    )
+    .await?;
 
     // Signal the victim once it holds several runs mid-flight.
     let pattern = format!("%:{victim}:%");
@@ -488,28 +540,17 @@ async fn sigterm_during_load_loses_no_run() -> anyhow::Result<()> {
     })
     .await
     .context("the victim worker never held 4 runs")?;
-    send_signal(victim, "TERM")?;
-    let signalled = Instant::now();
+    let (signalled, exited) = terminate(victim, Duration::from_secs(GRACE_SECS + 10)).await?;
 
-    let exited = eventually(Duration::from_secs(GRACE_SECS + 10), || async move {
-        Ok((!is_running(victim)).then(|| signalled.elapsed()))
-    })
-    .await
-    .context("the worker did not exit after SIGTERM")?;
-
-    let mut streams: Vec<Option<anyhow::Result<Vec<SseEvent>>>> =
-        std::iter::repeat_with(|| None).take(TURNS).collect();
-    let mut held_done = Duration::ZERO;
-    let mut all_done = Duration::ZERO;
-    while let Some(joined) = readers.join_next().await {
-        let (index, events, at) = joined?;
-        let after = at.saturating_duration_since(signalled);
-        all_done = all_done.max(after);
-        if held.contains(&turns[index].run_id) {
-            held_done = held_done.max(after);
-        }
-        streams[index] = Some(events);
-    }
+    let (streams, finished) = join_readers(readers, TURNS, signalled).await?;
+    let all_done = finished.iter().copied().max().unwrap_or_default();
+    let held_done = turns
+        .iter()
+        .zip(&finished)
+        .filter(|(turn, _)| held.contains(&turn.run_id))
+        .map(|(_, after)| *after)
+        .max()
+        .unwrap_or_default();
 
     let mut problems = Vec::new();
     let mut retrying = 0;
@@ -654,13 +695,7 @@ async fn sigterm_hands_back_runs_that_outlive_the_grace_period() -> anyhow::Resu
         .find(|&&pid| pid != victim)
         .context("survivor")?;
     wait_mcp_child(survivor, None).await?;
-    send_signal(victim, "TERM")?;
-    let signalled = Instant::now();
-    let exited = eventually(Duration::from_secs(GRACE_SECS + 10), || async move {
-        Ok((!is_running(victim)).then(|| signalled.elapsed()))
-    })
-    .await
-    .context("the worker did not exit after SIGTERM")?;
+    let (signalled, exited) = terminate(victim, Duration::from_secs(GRACE_SECS + 10)).await?;
 
     let mut problems = Vec::new();
     let mut whole = vec![Vec::new(); LONG];
@@ -769,22 +804,19 @@ async fn sigterm_drain_acknowledges_every_finished_run_and_exits_before_the_grac
 
     // A tool call, then an answer of 80 words at 50 ms a word (~4 s): all runs are mid-answer
     // together when the signal arrives.
-    let mut turns = Vec::with_capacity(TURNS);
-    for n in 0..TURNS {
-        let message = format!(
-            "add drain item {n} [[chunk_delay_ms=50 text={}]]",
-            words(80)
-        );
-        turns.push(post_turn(&stack, &format!("d{}", n % 4), &message).await?);
-    }
-    let mut readers = JoinSet::new();
-    for (index, turn) in turns.iter().enumerate() {
-        let mut stream = open_run_stream(&stack, turn).await?;
-        readers.spawn(async move {
-            let events = stream.collect_until_terminal(RUN_DEADLINE).await;
-            (index, events, Instant::now())
-        });
-    }
+    let (turns, readers) = post_turns_and_read(
+        &stack,
+        (0..TURNS).map(|n| {
+            (
+                format!("d{}", n % 4),
+                format!(
+                    "add drain item {n} [[chunk_delay_ms=50 text={}]]",
+                    words(80)
+                ),
+            )
+        }),
+    )
+    .await?;
     // Every run is running with its tool call journaled: answering.
     eventually(Duration::from_mins(1), || {
         let db = &db;
@@ -801,22 +833,9 @@ async fn sigterm_drain_acknowledges_every_finished_run_and_exits_before_the_grac
     })
     .await
     .context("the worker never had all runs mid-answer at once")?;
-    send_signal(victim, "TERM")?;
-    let signalled = Instant::now();
-
-    let exited = eventually(Duration::from_secs(GRACE_SECS + 10), || async move {
-        Ok((!is_running(victim)).then(|| signalled.elapsed()))
-    })
-    .await
-    .context("the worker did not exit after SIGTERM")?;
-    let mut streams: Vec<Option<anyhow::Result<Vec<SseEvent>>>> =
-        std::iter::repeat_with(|| None).take(TURNS).collect();
-    let mut last_done = Duration::ZERO;
-    while let Some(joined) = readers.join_next().await {
-        let (index, events, at) = joined?;
-        last_done = last_done.max(at.saturating_duration_since(signalled));
-        streams[index] = Some(events);
-    }
+    let (signalled, exited) = terminate(victim, Duration::from_secs(GRACE_SECS + 10)).await?;
+    let (streams, finished) = join_readers(readers, TURNS, signalled).await?;
+    let last_done = finished.iter().copied().max().unwrap_or_default();
 
     let mut problems = Vec::new();
     for (turn, events) in turns.iter().zip(&streams) {
