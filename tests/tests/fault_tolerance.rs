@@ -18,6 +18,16 @@ async fn start_and_read_to_the_answer(
     user: &str,
     message: &str,
 ) -> anyhow::Result<(SseStream, Vec<SseEvent>)> {
+    start_and_read_to(stack, user, message, "message.delta").await
+}
+
+/// Starts a turn over SSE and reads its events up to the first one of kind `until`.
+async fn start_and_read_to(
+    stack: &Stack,
+    user: &str,
+    message: &str,
+    until: &str,
+) -> anyhow::Result<(SseStream, Vec<SseEvent>)> {
     let mut sse = SseStream::open(
         stack
             .http
@@ -27,9 +37,9 @@ async fn start_and_read_to_the_answer(
     .await?;
     let mut events = Vec::new();
     while let Some(event) = sse.next_event().await? {
-        let delta = event.event == "message.delta";
+        let last = event.event == until;
         events.push(event);
-        if delta {
+        if last {
             break;
         }
     }
@@ -263,21 +273,7 @@ async fn a_crash_between_the_tools_commit_and_the_journal_write_creates_the_task
     let victim =
         stack.add_worker_with_env(&[("CONVEYOR_FAULT_INJECT", "abort_after_tool_call")])?;
 
-    let mut sse = SseStream::open(
-        stack
-            .http
-            .post(stack.url(&format!("/api/{USER}/chat")))
-            .json(&json!({ "message": "add buy milk" })),
-    )
-    .await?;
-    let mut seen = Vec::new();
-    while let Some(event) = sse.next_event().await? {
-        let tool_call = event.event == "tool.call";
-        seen.push(event);
-        if tool_call {
-            break;
-        }
-    }
+    let (sse, seen) = start_and_read_to(&stack, USER, "add buy milk", "tool.call").await?;
     let run_id = seen[0].data["run_id"]
         .as_str()
         .context("run_id")?
