@@ -377,7 +377,9 @@ async fn a_worker_killed_mid_batch_loses_nothing() -> anyhow::Result<()> {
     let mut stack = Stack::start(batch_stack(2, 8)).await?;
     let lines: Vec<Value> = (0..LINES)
         .map(|i| {
-            let (custom_id, message) = line(i, " [[ttft_ms=50]]");
+            // Slow enough that the batch is still under way when the kill comes: at 50 ms a
+            // line, 300 lines finished in ~3 s, before the test could find a running one.
+            let (custom_id, message) = line(i, " [[ttft_ms=200]]");
             json!({"custom_id": custom_id, "message": message})
         })
         .collect();
