@@ -10,7 +10,7 @@ ENV SQLX_OFFLINE=true
 # out of the cached target directory in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins -p conveyor-api -p conveyor-worker -p conveyor-mcp -p conveyor-e2e \
+    cargo build --release --locked --bins -p conveyor-api -p conveyor-worker -p conveyor-mcp -p conveyor-fake-llm \
     && mkdir -p /out \
     && cp target/release/conveyor-api target/release/conveyor-worker \
           target/release/conveyor-mcp target/release/fake-llm /out/

@@ -1,7 +1,8 @@
 //! Global settings of the fake LLM server.
 //!
 //! One struct serves both the `fake-llm` binary (clap flags with `FAKE_LLM_*` environment
-//! fallbacks) and in-process use (`FakeLlmConfig { ttft_ms: 50, ..Default::default() }`).
+//! fallbacks) and in-process use (`FakeLlmConfig { ttft_ms: 50, ..Default::default() }`, or
+//! `FakeLlmConfig::demo()` for a person to watch).
 //! `Default` is written out by hand rather than derived from clap so that an in-process test
 //! never picks up a stray `FAKE_LLM_*` variable from the environment.
 
@@ -15,6 +16,11 @@ pub const DEFAULT_MODEL: &str = "fake-model";
 const DEFAULT_CHUNKS: usize = 8;
 const DEFAULT_SEED: u64 = 1;
 const DEFAULT_RETRY_AFTER_MS: u64 = 100;
+
+/// The demo's pace, the same as the compose `demo` profile and the README's quick start: a
+/// pause like a hosted model's before the first word, then words quickly enough to read along.
+const DEMO_TTFT_MS: u64 = 200;
+const DEMO_CHUNK_DELAY_MS: u64 = 20;
 
 /// Settings for one fake LLM server. Per-request `[[…]]` directives override the timing
 /// fields for that request only.
@@ -91,6 +97,19 @@ impl Default for FakeLlmConfig {
             retry_after_ms: DEFAULT_RETRY_AFTER_MS,
             models: vec![DEFAULT_MODEL.to_owned()],
             record_requests: false,
+        }
+    }
+}
+
+impl FakeLlmConfig {
+    /// Settings for a person watching the answers arrive: the defaults, with a time to first
+    /// token and a delay between words so that streaming is visible. The defaults answer at
+    /// once, which is what tests and benchmarks want.
+    pub fn demo() -> Self {
+        Self {
+            ttft_ms: DEMO_TTFT_MS,
+            chunk_delay_ms: DEMO_CHUNK_DELAY_MS,
+            ..Self::default()
         }
     }
 }
@@ -190,5 +209,19 @@ mod tests {
         assert_eq!(defaults.addr, default_addr());
         assert_eq!(defaults.chunks, DEFAULT_CHUNKS);
         assert_eq!(defaults.models, [DEFAULT_MODEL]);
+        assert_eq!((defaults.ttft_ms, defaults.chunk_delay_ms), (0, 0));
+    }
+
+    #[test]
+    fn demo_streams_at_a_visible_pace_and_otherwise_keeps_the_defaults() {
+        let demo = FakeLlmConfig::demo();
+        assert!(demo.ttft_ms > 0 && demo.chunk_delay_ms > 0);
+        let defaults = FakeLlmConfig::default();
+        assert_eq!(demo.addr, defaults.addr);
+        assert_eq!(demo.chunks, defaults.chunks);
+        assert_eq!(demo.faults, defaults.faults);
+        assert!(demo.fault_rate.abs() < f64::EPSILON);
+        assert_eq!(demo.models, defaults.models);
+        assert!(!demo.record_requests);
     }
 }

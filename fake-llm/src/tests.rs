@@ -655,3 +655,31 @@ async fn shutdown_cuts_slow_streams_and_stops_listening() {
     assert!(sse.broken && !sse.done);
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn start_on_serves_the_callers_listener_until_the_callers_token_is_cancelled() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let token = CancellationToken::new();
+    let llm = start_on(listener, FakeLlmConfig::default(), &token).unwrap();
+    assert_eq!(llm.base_url(), format!("http://{addr}/v1"));
+    let answer: Value = post(&llm, &user("hi", false)).await.json().await.unwrap();
+    assert_eq!(answer["object"], "chat.completion");
+
+    let response = post(&llm, &user("hi [[ttft_ms=60000]]", true)).await;
+    let reader = tokio::spawn(Sse::read(response));
+    token.cancel();
+    let sse = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("cancelling the caller's token cuts the slow stream")
+        .unwrap();
+    assert!(sse.broken && !sse.done);
+    llm.shutdown().await.unwrap();
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+
+    // Stopping the server leaves the caller's token alone: it may stop other parts too.
+    let other = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    drop(start_on(listener, FakeLlmConfig::default(), &other).unwrap());
+    assert!(!other.is_cancelled());
+}

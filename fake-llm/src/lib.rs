@@ -7,6 +7,39 @@
 //! This server answers from the request alone, so the same input always gets the same answer,
 //! and it sleeps only for the latency it was asked to simulate.
 //!
+//! It runs as the `fake-llm` binary (the end-to-end harness, the benchmarks, the compose
+//! `demo` profile) or inside another program, which is why it is a crate of its own.
+//!
+//! # In-process use
+//!
+//! [`start`] binds `config.addr` and serves on a task of its own; [`start_on`] serves on a
+//! listener the caller bound, and stops when the caller's [`CancellationToken`] is cancelled.
+//! Either returns a [`FakeLlm`] handle: [`FakeLlm::base_url`] is the URL to give an
+//! OpenAI-compatible client, [`FakeLlm::shutdown`] stops the server and waits for it, and
+//! dropping the handle stops it too. [`FakeLlmConfig::demo`] paces the answers for a person
+//! watching them stream; [`FakeLlmConfig::default`] answers at once, as the tests want.
+//!
+//! ```
+//! use conveyor_fake_llm::FakeLlmConfig;
+//! use tokio::net::TcpListener;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> std::io::Result<()> {
+//! // The embedding program's own shutdown signal.
+//! let shutdown = CancellationToken::new();
+//! let listener = TcpListener::bind("127.0.0.1:0").await?;
+//! let llm = conveyor_fake_llm::start_on(listener, FakeLlmConfig::demo(), &shutdown)?;
+//! // `http://127.0.0.1:PORT/v1`; any model name and any API key are accepted.
+//! let base_url = llm.base_url();
+//! assert!(base_url.starts_with("http://127.0.0.1:") && base_url.ends_with("/v1"));
+//!
+//! shutdown.cancel();
+//! llm.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Endpoints
 //!
 //! - `POST /v1/chat/completions` (also `/chat/completions`): OpenAI Chat Completions.
@@ -120,8 +153,21 @@ use server::Shared;
 /// Binds `config.addr` and serves the fake LLM on a task owned by the returned handle.
 pub async fn start(config: FakeLlmConfig) -> io::Result<FakeLlm> {
     let listener = TcpListener::bind(config.addr).await?;
+    start_on(listener, config, &CancellationToken::new())
+}
+
+/// Serves the fake LLM on `listener` (`config.addr` is not used) on a task owned by the
+/// returned handle, until `shutdown` is cancelled or the handle is shut down or dropped.
+/// Stopping the handle does not cancel `shutdown`, which belongs to the caller.
+///
+/// Must be called from within a Tokio runtime.
+pub fn start_on(
+    listener: TcpListener,
+    config: FakeLlmConfig,
+    shutdown: &CancellationToken,
+) -> io::Result<FakeLlm> {
     let addr = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
+    let shutdown = shutdown.child_token();
     let shared = Arc::new(Shared::new(config, shutdown.clone()));
     let app = server::router(Arc::clone(&shared));
     // Without TCP_NODELAY, Nagle's algorithm would hold back small SSE frames and distort the

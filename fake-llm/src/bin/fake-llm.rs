@@ -5,7 +5,7 @@
 use std::io::Write;
 
 use clap::Parser;
-use conveyor_e2e::fake_llm::{self, FakeLlmConfig};
+use conveyor_fake_llm::{self as fake_llm, FakeLlmConfig};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
