@@ -101,26 +101,32 @@ pub fn app(state: AppState) -> Router {
     router.with_state(state)
 }
 
-/// Runs the API on `listener` until `shutdown`; in-flight requests get a graceful end and SSE
-/// streams close (clients resume with `Last-Event-ID`).
-pub async fn serve(
-    config: ApiConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), ApiStartError> {
+/// What the API runs on: the database, the event bus and its subscriber hub, the job producer
+/// and the rate limiter's counters. [`connect`] opens the distributed set (Postgres + Redis);
+/// the embedded mode builds its in-process set and calls [`serve_with`].
+#[derive(Debug)]
+pub struct ApiBackends {
+    pub backends: Backends,
+    pub hub: EventHub,
+    pub limits: limits::Limits,
+    pub metrics: metrics::ApiMetrics,
+}
+
+/// Connects to Postgres and Redis and starts the process's event subscription on `tracker`
+/// (it ends when `streams_stop` is cancelled, which ends every SSE stream).
+pub async fn connect(
+    config: &ApiConfig,
+    tracker: &TaskTracker,
+    streams_stop: CancellationToken,
+) -> Result<ApiBackends, ApiStartError> {
     let common = &config.common;
-    let Backends { db, bus, producer } = Backends::connect(common, CommitMode::Synchronous).await?;
-    let tracker = TaskTracker::new();
-    // SSE streams end when the hub stops; it stops with the server.
-    let streams_stop = CancellationToken::new();
+    let backends = Backends::connect(common, CommitMode::Synchronous).await?;
     let hub = EventHub::start(
         common.redis_url.expose(),
-        bus.channel(),
-        &tracker,
-        streams_stop.clone(),
+        backends.bus.channel(),
+        tracker,
+        streams_stop,
     )?;
-    let sweep_interval = config.sweep_interval;
-    let auth = auth::Authenticator::new(&config.auth)?;
     let metrics = metrics::ApiMetrics::new();
     let limits = limits::Limits::connect(
         common.redis_url.expose(),
@@ -130,6 +136,46 @@ pub async fn serve(
         metrics.sse_streams.clone(),
     )
     .await?;
+    Ok(ApiBackends {
+        backends,
+        hub,
+        limits,
+        metrics,
+    })
+}
+
+/// Runs the API on `listener` until `shutdown`; in-flight requests get a graceful end and SSE
+/// streams close (clients resume with `Last-Event-ID`).
+pub async fn serve(
+    config: ApiConfig,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), ApiStartError> {
+    let tracker = TaskTracker::new();
+    // SSE streams end when the hub stops; it stops with the server.
+    let streams_stop = CancellationToken::new();
+    let backends = connect(&config, &tracker, streams_stop.clone()).await?;
+    serve_with(config, listener, backends, tracker, streams_stop, shutdown).await
+}
+
+/// [`serve`] on backends the caller opened; `streams_stop` is cancelled when the server stops
+/// (ending SSE streams), and the server waits for `tracker`'s tasks before it returns.
+pub async fn serve_with(
+    config: ApiConfig,
+    listener: TcpListener,
+    backends: ApiBackends,
+    tracker: TaskTracker,
+    streams_stop: CancellationToken,
+    shutdown: CancellationToken,
+) -> Result<(), ApiStartError> {
+    let ApiBackends {
+        backends: Backends { db, bus, producer },
+        hub,
+        limits,
+        metrics,
+    } = backends;
+    let sweep_interval = config.sweep_interval;
+    let auth = auth::Authenticator::new(&config.auth)?;
     if !auth.is_enabled() {
         tracing::warn!(
             "authentication is off (no JWT_SECRET, JWT_JWKS_URL or JWT_JWKS_FILE): anyone who can reach the API can act as any user"

@@ -22,7 +22,6 @@ use prometheus_client::{
     metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
-use sqlx::PgPool;
 use tokio::time::Instant;
 
 /// How long a scrape's backlog reading is reused.
@@ -116,7 +115,12 @@ impl ApiMetrics {
     }
 
     /// Refreshes the scrape-time series (at most once per [`SCRAPE_CACHE`]) and renders all.
-    pub async fn render(&self, db: &PgPool, producer: &JobProducer, hub: &EventHub) -> String {
+    pub async fn render(
+        &self,
+        db: &conveyor_shared::db::Db,
+        producer: &JobProducer,
+        hub: &EventHub,
+    ) -> String {
         self.subscribed_runs
             .set(i64::try_from(hub.active_runs()).unwrap_or(i64::MAX));
         let due = {

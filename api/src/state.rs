@@ -7,14 +7,13 @@ use conveyor_shared::{
     events::{EventBus, EventHub},
     queue::JobProducer,
 };
-use sqlx::PgPool;
 
 use crate::{auth::Authenticator, limits::Limits, metrics::ApiMetrics};
 
 /// Shared application state. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    pub db: PgPool,
+    pub db: conveyor_shared::db::Db,
     pub bus: EventBus,
     pub hub: EventHub,
     pub producer: JobProducer,

@@ -1,11 +1,9 @@
-//! The connections every service process opens at start-up: Postgres (migrated), the event bus
-//! and the job producer.
-
-use sqlx::PgPool;
+//! The connections every service process opens at start-up: the database (migrated), the event
+//! bus and the job producer.
 
 use crate::{
     config::CommonConfig,
-    db::{CommitMode, DbError, connect_and_migrate},
+    db::{CommitMode, Db, DbError},
     events::{EventBus, EventError},
     queue::{JobProducer, QueueError},
 };
@@ -13,7 +11,7 @@ use crate::{
 /// A process's shared backends.
 #[derive(Debug, Clone)]
 pub struct Backends {
-    pub db: PgPool,
+    pub db: Db,
     pub bus: EventBus,
     pub producer: JobProducer,
 }
@@ -47,7 +45,7 @@ impl Backends {
     /// Connects to Postgres (applying migrations) and Redis; `commit` is the pool's default
     /// commit durability.
     pub async fn connect(common: &CommonConfig, commit: CommitMode) -> Result<Self, BackendError> {
-        let db = connect_and_migrate(
+        let db = Db::connect(
             common.database_url.expose(),
             common.database_pool_size,
             commit,

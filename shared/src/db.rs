@@ -87,6 +87,30 @@ impl<'c> From<&'c mut Tx> for Ex<'c> {
     }
 }
 
+impl<'c> From<&'c PgPool> for Ex<'c> {
+    fn from(pool: &'c PgPool) -> Self {
+        Self::PgPool(pool)
+    }
+}
+
+impl<'c> From<&'c mut PgConnection> for Ex<'c> {
+    fn from(conn: &'c mut PgConnection) -> Self {
+        Self::Pg(conn)
+    }
+}
+
+impl<'c> From<&'c SqlitePool> for Ex<'c> {
+    fn from(pool: &'c SqlitePool) -> Self {
+        Self::SqlitePool(pool)
+    }
+}
+
+impl<'c> From<&'c mut SqliteConnection> for Ex<'c> {
+    fn from(conn: &'c mut SqliteConnection) -> Self {
+        Self::Sqlite(conn)
+    }
+}
+
 impl<'c, 'r> From<&'r mut Ex<'c>> for Ex<'r> {
     /// Reborrows, so one executor can run several statements.
     fn from(ex: &'r mut Ex<'c>) -> Self {
@@ -102,13 +126,37 @@ impl<'c, 'r> From<&'r mut Ex<'c>> for Ex<'r> {
 /// Runs one statement on an [`Ex`]: `per_db!(ex, pg(e) => postgres_statement,
 /// sqlite(e) => sqlite_statement)`. Each arm is written once and instantiated for a pool and for
 /// a transaction; `e` is the sqlx executor.
+///
+/// SQLite has no data-modifying CTEs, so a Postgres statement that changes several tables
+/// becomes several SQLite statements: `sqlite_tx(c) => …` runs them on `c: &mut
+/// SqliteConnection` inside the caller's transaction, or in one of its own (`BEGIN IMMEDIATE`,
+/// committed when the arm returns `Ok`) when called on the pool. Such a function must return
+/// `sqlx::Result`.
 #[macro_export]
 macro_rules! per_db {
     ($ex:expr, pg($pg:ident) => $pg_body:expr, sqlite($lite:ident) => $lite_body:expr $(,)?) => {
-        match $crate::db::Ex::from($ex) {
+        match ::core::convert::Into::<$crate::db::Ex<'_>>::into($ex) {
             $crate::db::Ex::PgPool($pg) => $pg_body,
             $crate::db::Ex::Pg($pg) => $pg_body,
             $crate::db::Ex::SqlitePool($lite) => $lite_body,
+            $crate::db::Ex::Sqlite($lite) => $lite_body,
+        }
+    };
+    ($ex:expr, pg($pg:ident) => $pg_body:expr, sqlite_tx($lite:ident) => $lite_body:expr $(,)?) => {
+        match ::core::convert::Into::<$crate::db::Ex<'_>>::into($ex) {
+            $crate::db::Ex::PgPool($pg) => $pg_body,
+            $crate::db::Ex::Pg($pg) => $pg_body,
+            $crate::db::Ex::SqlitePool(pool) => {
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let result = {
+                    let $lite: &mut ::sqlx::SqliteConnection = &mut tx;
+                    $lite_body
+                };
+                if result.is_ok() {
+                    tx.commit().await?;
+                }
+                result
+            }
             $crate::db::Ex::Sqlite($lite) => $lite_body,
         }
     };
@@ -291,4 +339,10 @@ where
             result => return result,
         }
     }
+}
+
+/// A timestamp as the SQLite schema stores it (`strftime('%Y-%m-%dT%H:%M:%fZ')`), for binding:
+/// stored times compare as text, so a bound one must have the same shape.
+pub fn sqlite_time(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }

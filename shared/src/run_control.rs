@@ -4,9 +4,8 @@
 //! whose cancel was requested before it started), so both end it the same way: final status,
 //! the durable `run.cancelled` event and the live one at the same seq.
 
-use sqlx::PgPool;
-
 use crate::{
+    db::Db,
     events::{EventBus, EventError, RunEvent, StoredEvent},
     ids::RunId,
     store::{run_events, runs},
@@ -22,13 +21,9 @@ pub enum ControlError {
 }
 
 /// Cancels `run_id` if it is still queued; `false` if it had started or ended meanwhile.
-pub async fn cancel_queued(
-    db: &PgPool,
-    bus: &EventBus,
-    run_id: &RunId,
-) -> Result<bool, ControlError> {
+pub async fn cancel_queued(db: &Db, bus: &EventBus, run_id: &RunId) -> Result<bool, ControlError> {
     let floor = run_events::max_seq(db, run_id.as_str()).await?;
-    let mut tx = crate::db::begin_durable(db).await?;
+    let mut tx = db.begin_durable().await?;
     match runs::lock(&mut tx, run_id.as_str()).await? {
         Some((status, _)) if status == "queued" => {}
         _ => return Ok(false),

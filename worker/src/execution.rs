@@ -18,7 +18,6 @@ use conveyor_shared::{
     store::{batches, messages, runs},
 };
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +39,7 @@ const CLAIM_STALE_AFTER: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct RunExecutor {
     pub agent: Agent,
-    pub db: PgPool,
+    pub db: conveyor_shared::db::Db,
     pub bus: EventBus,
     pub producer: JobProducer,
     pub worker_name: String,
@@ -307,7 +306,7 @@ impl RunExecutor {
         emitter.flush().await?;
         // Begin on a live connection before reserving seqs: a commit that fails after the
         // reservation leaves a gap in the run's seqs.
-        let mut tx = conveyor_shared::db::begin_durable(&self.db).await?;
+        let mut tx = self.db.begin_durable().await?;
         let count = u32::try_from(terminal.len()).unwrap_or(2);
         let first = self.bus.reserve(&run_id, count, emitter.last_seq()).await?;
         let terminal: Vec<(u64, RunEvent)> = terminal

@@ -59,8 +59,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), WorkerError> {
     let common = &config.common;
-    let Backends { db, bus, producer } =
-        Backends::connect(common, CommitMode::Asynchronous).await?;
+    let backends = Backends::connect(common, CommitMode::Asynchronous).await?;
     // Every LLM request of every worker takes its permit here (a no-op without limits).
     let limiter = LlmLimiter::connect(
         common.redis_url.expose(),
@@ -70,9 +69,23 @@ pub async fn run(
         config.llm_limits,
     )
     .await?;
-
-    let tracker = TaskTracker::new();
     let servers = mcp::load_servers(config.mcp_servers_file.as_deref())?;
+    run_with(config, options, backends, limiter, servers, shutdown).await
+}
+
+/// [`run`] on backends, a limiter and MCP servers the caller chose (the embedded mode passes
+/// its in-process ones).
+pub async fn run_with(
+    config: WorkerConfig,
+    options: WorkerOptions,
+    backends: Backends,
+    limiter: LlmLimiter,
+    servers: Vec<mcp::ServerSpec>,
+    shutdown: CancellationToken,
+) -> Result<(), WorkerError> {
+    let common = &config.common;
+    let Backends { db, bus, producer } = backends;
+    let tracker = TaskTracker::new();
 
     let mut consumer = ConsumerConfig::new(
         common.redis_url.expose(),

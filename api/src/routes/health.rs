@@ -20,12 +20,7 @@ pub async fn healthz() -> impl IntoResponse {
 
 /// Postgres and Redis answer (each within [`PROBE_TIMEOUT`]).
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let postgres = async {
-        sqlx::query_scalar!("SELECT 1 AS one")
-            .fetch_one(&state.db)
-            .await
-            .is_ok()
-    };
+    let postgres = async { state.db.ping().await.is_ok() };
     let redis = async { state.bus.ping().await.is_ok() };
     let (postgres, redis) = tokio::join!(
         tokio::time::timeout(PROBE_TIMEOUT, postgres),

@@ -87,7 +87,7 @@ fn decode_history_cursor(cursor: &str) -> Result<messages::HistoryCursor, ApiErr
 }
 
 pub async fn list(
-    db: &sqlx::PgPool,
+    db: &conveyor_shared::db::Db,
     user: &UserId,
     limit: i64,
     cursor: Option<&str>,
@@ -116,7 +116,7 @@ pub async fn list(
 }
 
 pub async fn messages(
-    db: &sqlx::PgPool,
+    db: &conveyor_shared::db::Db,
     user: &UserId,
     id: &ConversationId,
     limit: i64,
@@ -154,7 +154,11 @@ pub async fn messages(
     })
 }
 
-pub async fn delete(db: &sqlx::PgPool, user: &UserId, id: &ConversationId) -> Result<(), ApiError> {
+pub async fn delete(
+    db: &conveyor_shared::db::Db,
+    user: &UserId,
+    id: &ConversationId,
+) -> Result<(), ApiError> {
     if conversations::delete(db, user, id).await? {
         Ok(())
     } else {
@@ -164,7 +168,7 @@ pub async fn delete(db: &sqlx::PgPool, user: &UserId, id: &ConversationId) -> Re
 
 /// The conversation's active run, if any (404 if the conversation is not the user's).
 pub async fn active_run(
-    db: &sqlx::PgPool,
+    db: &conveyor_shared::db::Db,
     user: &UserId,
     id: &ConversationId,
 ) -> Result<Option<RunId>, ApiError> {

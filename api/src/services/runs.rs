@@ -56,7 +56,7 @@ pub async fn cancel(
     user: &UserId,
     run_id: &RunId,
 ) -> Result<(bool, RunView), ApiError> {
-    let mut tx = conveyor_shared::db::begin(&state.db).await?;
+    let mut tx = state.db.begin().await?;
     let run = runs::lock_owned(&mut tx, user, run_id.as_str())
         .await?
         .ok_or(ApiError::NotFound("run"))?;
@@ -64,7 +64,7 @@ pub async fn cancel(
         drop(tx);
         return Ok((false, get(state, user, run_id).await?));
     }
-    runs::request_cancel(&mut *tx, run_id.as_str()).await?;
+    runs::request_cancel(&mut tx, run_id.as_str()).await?;
     tx.commit().await?;
     if run.status == "queued" {
         match run_control::cancel_queued(&state.db, &state.bus, run_id).await {

@@ -128,7 +128,7 @@ pub async fn accept(
         (runs::insert_turn(&state.db, turn(&first)).await, queued)
     } else {
         let mut position = 0;
-        let mut tx = conveyor_shared::db::begin(&state.db).await?;
+        let mut tx = state.db.begin().await?;
         if limit > 0 && runs::lock_user_and_count_active(&mut tx, user).await? >= i64::from(limit) {
             return Err(ApiError::RateLimited {
                 retry_after_secs: 1,
@@ -140,22 +140,21 @@ pub async fn accept(
                 return Err(ApiError::NotFound("conversation"));
             }
             let id = conversation_id.as_str();
-            match (runs::active_in_conversation(&mut *tx, id).await?, multitask) {
+            match (runs::active_in_conversation(&mut tx, id).await?, multitask) {
                 (None, _) => {}
                 (Some(active_run_id), Multitask::Reject) => {
                     return Err(ApiError::Busy { active_run_id });
                 }
                 (Some(_), Multitask::Interrupt) => {
-                    interrupted = runs::cancel_active_in_conversation(&mut *tx, id).await?;
+                    interrupted = runs::cancel_active_in_conversation(&mut tx, id).await?;
                 }
                 (Some(_), Multitask::Enqueue) => {
-                    position =
-                        runs::position_in_conversation(&mut *tx, id, run_id.as_str()).await?;
+                    position = runs::position_in_conversation(&mut tx, id, run_id.as_str()).await?;
                 }
             }
         }
         let (queued, first) = queued_event(&conversation_id, position);
-        let inserted = match runs::insert_turn(&mut *tx, turn(&first)).await {
+        let inserted = match runs::insert_turn(&mut tx, turn(&first)).await {
             Ok(()) => tx.commit().await,
             Err(error) => Err(error),
         };

@@ -1,12 +1,16 @@
 //! `conversations`: the threads a user sees in the list.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::types::Json;
 
-use crate::ids::{ConversationId, UserId};
+use crate::{
+    db::{Ex, sqlite_time},
+    ids::{ConversationId, UserId},
+    per_db,
+};
 
 /// A stored conversation.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
 pub struct Conversation {
     pub id: String,
     pub title: Option<String>,
@@ -22,102 +26,159 @@ pub struct ListCursor {
 }
 
 pub async fn insert(
-    conn: &mut PgConnection,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     id: &ConversationId,
     title: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query!(
-        "INSERT INTO conversations (id, user_id, title) VALUES ($1, $2, $3)",
-        id.as_str(),
-        user.as_str(),
-        title
+    per_db!(ex,
+        pg(e) => sqlx::query!(
+            "INSERT INTO conversations (id, user_id, title) VALUES ($1, $2, $3)",
+            id.as_str(),
+            user.as_str(),
+            title
+        )
+        .execute(e)
+        .await
+        .map(drop),
+        sqlite(e) => sqlx::query("INSERT INTO conversations (id, user_id, title) VALUES (?1, ?2, ?3)")
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .bind(title)
+            .execute(e)
+            .await
+            .map(drop),
     )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Locks the user's conversation for the rest of the transaction; `false` if it is not theirs
-/// or does not exist. Serialises turn creation per conversation (the busy check).
+/// or does not exist. Serialises turn creation per conversation (the busy check). On SQLite the
+/// transaction's write lock already serialises it.
 pub async fn lock_owned(
-    conn: &mut PgConnection,
+    tx: impl Into<Ex<'_>>,
     user: &UserId,
     id: &ConversationId,
 ) -> sqlx::Result<bool> {
-    let row = sqlx::query_scalar!(
-        "SELECT 1 AS one FROM conversations WHERE id = $1 AND user_id = $2 FOR UPDATE",
-        id.as_str(),
-        user.as_str()
-    )
-    .fetch_optional(conn)
-    .await?;
+    let row = per_db!(tx,
+        pg(e) => sqlx::query_scalar!(
+            "SELECT 1 AS one FROM conversations WHERE id = $1 AND user_id = $2 FOR UPDATE",
+            id.as_str(),
+            user.as_str()
+        )
+        .fetch_optional(e)
+        .await?,
+        sqlite(e) => sqlx::query_scalar("SELECT 1 FROM conversations WHERE id = ?1 AND user_id = ?2")
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .fetch_optional(e)
+            .await?,
+    );
     Ok(row.is_some())
 }
 
 /// Inserts many conversations of one user at once (a batch's fresh conversations).
 pub async fn insert_many(
-    conn: &mut PgConnection,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     ids: &[&str],
     titles: &[&str],
 ) -> sqlx::Result<()> {
-    sqlx::query!(
-        r#"INSERT INTO conversations (id, user_id, title)
-           SELECT id, $1, title FROM UNNEST($2::text[], $3::text[]) AS t(id, title)"#,
-        user.as_str(),
-        ids as &[&str],
-        titles as &[&str]
+    per_db!(ex,
+        pg(e) => sqlx::query!(
+            r#"INSERT INTO conversations (id, user_id, title)
+               SELECT id, $1, title FROM UNNEST($2::text[], $3::text[]) AS t(id, title)"#,
+            user.as_str(),
+            ids as &[&str],
+            titles as &[&str]
+        )
+        .execute(e)
+        .await
+        .map(drop),
+        sqlite(e) => sqlx::query(
+            r"INSERT INTO conversations (id, user_id, title)
+              SELECT i.value, ?1, t.value FROM json_each(?2) i JOIN json_each(?3) t ON t.key = i.key",
+        )
+        .bind(user.as_str())
+        .bind(Json(ids))
+        .bind(Json(titles))
+        .execute(e)
+        .await
+        .map(drop),
     )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// Which of `ids` are the user's conversations.
 pub async fn owned_among(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     ids: &[&str],
 ) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar!(
-        "SELECT id FROM conversations WHERE user_id = $1 AND id = ANY($2)",
-        user.as_str(),
-        ids as &[&str]
+    per_db!(ex,
+        pg(e) => sqlx::query_scalar!(
+            "SELECT id FROM conversations WHERE user_id = $1 AND id = ANY($2)",
+            user.as_str(),
+            ids as &[&str]
+        )
+        .fetch_all(e)
+        .await,
+        sqlite(e) => sqlx::query_scalar(
+            "SELECT id FROM conversations WHERE user_id = ?1 AND id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(user.as_str())
+        .bind(Json(ids))
+        .fetch_all(e)
+        .await,
     )
-    .fetch_all(conn)
-    .await
 }
 
 /// Marks conversations as updated now.
-pub async fn touch_many(conn: impl PgExecutor<'_>, ids: &[&str]) -> sqlx::Result<()> {
-    sqlx::query!(
-        "UPDATE conversations SET updated_at = now() WHERE id = ANY($1)",
-        ids as &[&str]
+pub async fn touch_many(ex: impl Into<Ex<'_>>, ids: &[&str]) -> sqlx::Result<()> {
+    per_db!(ex,
+        pg(e) => sqlx::query!(
+            "UPDATE conversations SET updated_at = now() WHERE id = ANY($1)",
+            ids as &[&str]
+        )
+        .execute(e)
+        .await
+        .map(drop),
+        sqlite(e) => sqlx::query(
+            r"UPDATE conversations SET updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+              WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(Json(ids))
+        .execute(e)
+        .await
+        .map(drop),
     )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 pub async fn get(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     id: &ConversationId,
 ) -> sqlx::Result<Option<Conversation>> {
-    sqlx::query_as!(
-        Conversation,
-        "SELECT id, title, created_at, updated_at FROM conversations WHERE id = $1 AND user_id = $2",
-        id.as_str(),
-        user.as_str()
+    per_db!(ex,
+        pg(e) => sqlx::query_as!(
+            Conversation,
+            "SELECT id, title, created_at, updated_at FROM conversations WHERE id = $1 AND user_id = $2",
+            id.as_str(),
+            user.as_str()
+        )
+        .fetch_optional(e)
+        .await,
+        sqlite(e) => sqlx::query_as(
+            "SELECT id, title, created_at, updated_at FROM conversations WHERE id = ?1 AND user_id = ?2",
+        )
+        .bind(id.as_str())
+        .bind(user.as_str())
+        .fetch_optional(e)
+        .await,
     )
-    .fetch_optional(conn)
-    .await
 }
 
 /// Newest-updated first, `limit` rows after `cursor`.
 pub async fn list(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     limit: i64,
     cursor: Option<&ListCursor>,
@@ -126,34 +187,57 @@ pub async fn list(
         Some(c) => (Some(c.updated_at), Some(c.id.as_str())),
         None => (None, None),
     };
-    sqlx::query_as!(
-        Conversation,
-        r#"SELECT id, title, created_at, updated_at FROM conversations
-           WHERE user_id = $1
-             AND ($2::timestamptz IS NULL OR (updated_at, id) < ($2, $3::text))
-           ORDER BY updated_at DESC, id DESC
-           LIMIT $4"#,
-        user.as_str(),
-        after_time,
-        after_id,
-        limit
+    per_db!(ex,
+        pg(e) => sqlx::query_as!(
+            Conversation,
+            r#"SELECT id, title, created_at, updated_at FROM conversations
+               WHERE user_id = $1
+                 AND ($2::timestamptz IS NULL OR (updated_at, id) < ($2, $3::text))
+               ORDER BY updated_at DESC, id DESC
+               LIMIT $4"#,
+            user.as_str(),
+            after_time,
+            after_id,
+            limit
+        )
+        .fetch_all(e)
+        .await,
+        sqlite(e) => sqlx::query_as(
+            r"SELECT id, title, created_at, updated_at FROM conversations
+              WHERE user_id = ?1 AND (?2 IS NULL OR (updated_at, id) < (?2, ?3))
+              ORDER BY updated_at DESC, id DESC
+              LIMIT ?4",
+        )
+        .bind(user.as_str())
+        .bind(after_time.map(sqlite_time))
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(e)
+        .await,
     )
-    .fetch_all(conn)
-    .await
 }
 
 /// Deletes the conversation with its messages and runs; `false` if it was not the user's.
 pub async fn delete(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     id: &ConversationId,
 ) -> sqlx::Result<bool> {
-    let done = sqlx::query!(
-        "DELETE FROM conversations WHERE id = $1 AND user_id = $2",
-        id.as_str(),
-        user.as_str()
-    )
-    .execute(conn)
-    .await?;
-    Ok(done.rows_affected() > 0)
+    let deleted = per_db!(ex,
+        pg(e) => sqlx::query!(
+            "DELETE FROM conversations WHERE id = $1 AND user_id = $2",
+            id.as_str(),
+            user.as_str()
+        )
+        .execute(e)
+        .await?
+        .rows_affected(),
+        sqlite(e) => sqlx::query("DELETE FROM conversations WHERE id = ?1 AND user_id = ?2")
+            .bind(id.as_str())
+            .bind(user.as_str())
+            .execute(e)
+            .await?
+            .rows_affected(),
+    );
+    Ok(deleted > 0)
 }

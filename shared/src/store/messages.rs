@@ -2,12 +2,16 @@
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::types::Json;
 
-use crate::ids::{ConversationId, MessageId, UserId};
+use crate::{
+    db::{Ex, sqlite_time},
+    ids::{ConversationId, MessageId, UserId},
+    per_db,
+};
 
 /// A stored message.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Message {
     pub id: String,
     pub seq: i64,
@@ -43,21 +47,41 @@ pub struct NewUserMessages<'a> {
     pub contents: &'a [&'a str],
 }
 
-pub async fn insert_user_many(conn: &mut PgConnection, m: NewUserMessages<'_>) -> sqlx::Result<()> {
-    sqlx::query!(
-        r#"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content)
-           SELECT id, conversation_id, $1, run_id, 'user', content
-           FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
-                AS t(id, conversation_id, run_id, content)"#,
-        m.user_id,
-        m.ids as &[&str],
-        m.conversation_ids as &[&str],
-        m.run_ids as &[&str],
-        m.contents as &[&str]
+pub async fn insert_user_many(ex: impl Into<Ex<'_>>, m: NewUserMessages<'_>) -> sqlx::Result<()> {
+    per_db!(ex,
+        pg(e) => sqlx::query!(
+            r#"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content)
+               SELECT id, conversation_id, $1, run_id, 'user', content
+               FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[])
+                    AS t(id, conversation_id, run_id, content)"#,
+            m.user_id,
+            m.ids as &[&str],
+            m.conversation_ids as &[&str],
+            m.run_ids as &[&str],
+            m.contents as &[&str]
+        )
+        .execute(e)
+        .await
+        .map(drop),
+        // `ORDER BY i.key` numbers the rows in slice order.
+        sqlite(e) => sqlx::query(
+            r"INSERT INTO messages (id, conversation_id, user_id, run_id, role, content)
+              SELECT i.value, c.value, ?1, r.value, 'user', t.value
+              FROM json_each(?2) i
+                   JOIN json_each(?3) c ON c.key = i.key
+                   JOIN json_each(?4) r ON r.key = i.key
+                   JOIN json_each(?5) t ON t.key = i.key
+              ORDER BY i.key",
+        )
+        .bind(m.user_id)
+        .bind(Json(m.ids))
+        .bind(Json(m.conversation_ids))
+        .bind(Json(m.run_ids))
+        .bind(Json(m.contents))
+        .execute(e)
+        .await
+        .map(drop),
     )
-    .execute(conn)
-    .await?;
-    Ok(())
 }
 
 /// A position in a conversation's history. Messages are ordered by their run's place in the
@@ -84,52 +108,85 @@ impl Message {
 /// What the model sees of the conversation when it answers `run_id`: the last `window`
 /// messages of this run and the runs before it, oldest first.
 pub async fn history_for_run(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     conversation_id: &str,
     run_id: &str,
     window: i64,
 ) -> sqlx::Result<Vec<Message>> {
-    let mut rows = sqlx::query_as!(
-        Message,
-        r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
-                  m.created_at, r.queued_at AS "run_queued_at?"
-           FROM messages m JOIN runs r ON r.id = m.run_id
-           WHERE m.conversation_id = $1
-             AND (r.queued_at, r.id) <= (SELECT queued_at, id FROM runs WHERE id = $2)
-           ORDER BY r.queued_at DESC, r.id DESC, m.seq DESC LIMIT $3"#,
-        conversation_id,
-        run_id,
-        window
-    )
-    .fetch_all(conn)
-    .await?;
+    let mut rows: Vec<Message> = per_db!(ex,
+        pg(e) => sqlx::query_as!(
+            Message,
+            r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                      m.created_at, r.queued_at AS "run_queued_at?"
+               FROM messages m JOIN runs r ON r.id = m.run_id
+               WHERE m.conversation_id = $1
+                 AND (r.queued_at, r.id) <= (SELECT queued_at, id FROM runs WHERE id = $2)
+               ORDER BY r.queued_at DESC, r.id DESC, m.seq DESC LIMIT $3"#,
+            conversation_id,
+            run_id,
+            window
+        )
+        .fetch_all(e)
+        .await?,
+        sqlite(e) => sqlx::query_as(
+            r"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                     m.created_at, r.queued_at AS run_queued_at
+              FROM messages m JOIN runs r ON r.id = m.run_id
+              WHERE m.conversation_id = ?1
+                AND (r.queued_at, r.id) <= (SELECT queued_at, id FROM runs WHERE id = ?2)
+              ORDER BY r.queued_at DESC, r.id DESC, m.seq DESC LIMIT ?3",
+        )
+        .bind(conversation_id)
+        .bind(run_id)
+        .bind(window)
+        .fetch_all(e)
+        .await?,
+    );
     rows.reverse();
     Ok(rows)
 }
 
 /// A page of the user's conversation history in order, after `cursor`.
 pub async fn list(
-    conn: impl PgExecutor<'_>,
+    ex: impl Into<Ex<'_>>,
     user: &UserId,
     conversation_id: &ConversationId,
     limit: i64,
     cursor: Option<&HistoryCursor>,
 ) -> sqlx::Result<Vec<Message>> {
-    sqlx::query_as!(
-        Message,
-        r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
-                  m.created_at, r.queued_at AS "run_queued_at?"
-           FROM messages m JOIN runs r ON r.id = m.run_id
-           WHERE m.conversation_id = $1 AND m.user_id = $2
-             AND ($3::timestamptz IS NULL OR (r.queued_at, r.id, m.seq) > ($3, $4::text, $5::bigint))
-           ORDER BY r.queued_at, r.id, m.seq LIMIT $6"#,
-        conversation_id.as_str(),
-        user.as_str(),
-        cursor.map(|c| c.run_queued_at),
-        cursor.map(|c| c.run_id.as_str()),
-        cursor.map(|c| c.seq),
-        limit
+    per_db!(ex,
+        pg(e) => sqlx::query_as!(
+            Message,
+            r#"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                      m.created_at, r.queued_at AS "run_queued_at?"
+               FROM messages m JOIN runs r ON r.id = m.run_id
+               WHERE m.conversation_id = $1 AND m.user_id = $2
+                 AND ($3::timestamptz IS NULL OR (r.queued_at, r.id, m.seq) > ($3, $4::text, $5::bigint))
+               ORDER BY r.queued_at, r.id, m.seq LIMIT $6"#,
+            conversation_id.as_str(),
+            user.as_str(),
+            cursor.map(|c| c.run_queued_at),
+            cursor.map(|c| c.run_id.as_str()),
+            cursor.map(|c| c.seq),
+            limit
+        )
+        .fetch_all(e)
+        .await,
+        sqlite(e) => sqlx::query_as(
+            r"SELECT m.id, m.seq, m.role, m.content, m.tool_calls, m.tool_call_id, m.run_id, m.status,
+                     m.created_at, r.queued_at AS run_queued_at
+              FROM messages m JOIN runs r ON r.id = m.run_id
+              WHERE m.conversation_id = ?1 AND m.user_id = ?2
+                AND (?3 IS NULL OR (r.queued_at, r.id, m.seq) > (?3, ?4, ?5))
+              ORDER BY r.queued_at, r.id, m.seq LIMIT ?6",
+        )
+        .bind(conversation_id.as_str())
+        .bind(user.as_str())
+        .bind(cursor.map(|c| sqlite_time(c.run_queued_at)))
+        .bind(cursor.map(|c| c.run_id.as_str()))
+        .bind(cursor.map(|c| c.seq))
+        .bind(limit)
+        .fetch_all(e)
+        .await,
     )
-    .fetch_all(conn)
-    .await
 }

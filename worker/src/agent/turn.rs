@@ -7,7 +7,6 @@ use conveyor_shared::{
     store::run_steps,
 };
 use serde_json::{Value, json};
-use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -29,7 +28,7 @@ pub struct Agent {
     pub metrics: LlmMetrics,
     pub model: String,
     pub mcp: McpPool,
-    pub db: PgPool,
+    pub db: conveyor_shared::db::Db,
     pub max_turns: u32,
     pub retry: RetryPolicy,
     /// A crash staged for the fault tests (`CONVEYOR_FAULT_INJECT`); `None` in production.

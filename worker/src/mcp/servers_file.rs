@@ -102,13 +102,24 @@ fn bundled_server() -> ServerSpec {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("conveyor-mcp")))
         .filter(|path| path.exists());
-    ServerSpec {
-        name: "tasks".to_owned(),
-        command: sibling.map_or_else(|| "conveyor-mcp".to_owned(), |p| p.display().to_string()),
-        args: Vec::new(),
-        env: BTreeMap::new(),
-        timeout_secs: None,
-        injected_arguments: default_hidden(),
+    ServerSpec::bundled(
+        sibling.map_or_else(|| "conveyor-mcp".to_owned(), |p| p.display().to_string()),
+        Vec::new(),
+        BTreeMap::new(),
+    )
+}
+
+impl ServerSpec {
+    /// The bundled task server (`tasks`), started as `command args…` with `env` added.
+    pub fn bundled(command: String, args: Vec<String>, env: BTreeMap<String, String>) -> Self {
+        Self {
+            name: "tasks".to_owned(),
+            command,
+            args,
+            env,
+            timeout_secs: None,
+            injected_arguments: default_hidden(),
+        }
     }
 }
 

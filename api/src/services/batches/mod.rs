@@ -182,7 +182,7 @@ pub async fn create(
     given.sort_unstable();
     given.dedup();
 
-    let mut tx = conveyor_shared::db::begin(&state.db).await?;
+    let mut tx = state.db.begin().await?;
     let limit = state.config.max_open_batches_per_user;
     if limit > 0 && batches::lock_user_and_count_open(&mut tx, user).await? >= i64::from(limit) {
         return Err(ApiError::RateLimited {
@@ -191,7 +191,7 @@ pub async fn create(
         });
     }
     if !given.is_empty() {
-        let owned = conversations::owned_among(&mut *tx, user, &given).await?;
+        let owned = conversations::owned_among(&mut tx, user, &given).await?;
         let errors: Vec<(usize, String)> = lines
             .iter()
             .filter_map(|l| {
@@ -266,7 +266,7 @@ pub async fn create(
         .collect();
     run_events::insert_first_many(&mut tx, &run_ids, EventKind::RunQueued, &queued).await?;
     if !given.is_empty() {
-        conversations::touch_many(&mut *tx, &given).await?;
+        conversations::touch_many(&mut tx, &given).await?;
     }
     tx.commit().await?;
 
@@ -375,7 +375,7 @@ pub async fn cancel(
     user: &UserId,
     id: &BatchId,
 ) -> Result<(bool, BatchView), ApiError> {
-    let mut tx = conveyor_shared::db::begin(&state.db).await?;
+    let mut tx = state.db.begin().await?;
     let before = batches::request_cancel(&mut tx, user, id.as_str())
         .await?
         .ok_or(ApiError::NotFound("batch"))?;
@@ -384,7 +384,7 @@ pub async fn cancel(
         return Ok((false, get(state, user, id).await?));
     }
     let cancelled = batches::cancel_queued_runs(&mut tx, id.as_str(), None).await?;
-    batches::request_cancel_running_runs(&mut *tx, id.as_str()).await?;
+    batches::request_cancel_running_runs(&mut tx, id.as_str()).await?;
     tx.commit().await?;
     batches::settle(&state.db, id.as_str()).await?;
     tracing::info!(batch_id = %id, user_id = %user, cancelled, "batch cancel requested");
@@ -467,7 +467,7 @@ pub async fn results(
 pub async fn sweep(state: &AppState) -> Result<(), sqlx::Error> {
     let error = expired_error();
     for batch_id in batches::past_deadline(&state.db, 100).await? {
-        let mut tx = conveyor_shared::db::begin(&state.db).await?;
+        let mut tx = state.db.begin().await?;
         let expired = batches::cancel_queued_runs(&mut tx, &batch_id, Some(&error)).await?;
         tx.commit().await?;
         if expired > 0 {
