@@ -15,7 +15,7 @@ use apalis_redis::queries::push_tasks;
 use redis::aio::ConnectionManager;
 
 use super::{QueueError, QueueName, RunJob};
-use crate::events::bus::{StaleConnection, retry_if_stale};
+use crate::events::redis_bus::{StaleConnection, retry_if_stale};
 
 /// Producer, cheap to clone, shared by API handlers and the sweeper.
 #[derive(Clone)]
