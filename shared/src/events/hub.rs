@@ -5,6 +5,10 @@
 //! the replay and the live feed; duplicates are dropped by seq on the client's side. When the
 //! subscription drops (Redis restart) every client gets [`HubMessage::Resync`] after it is
 //! back, and replays what it missed from the Stream.
+//!
+//! In the embedded mode ([`EventHub::local`]) there is no subscription: the process's
+//! [`LocalBus`](super::LocalBus) hands each event to the hub right after buffering it, so the
+//! fan-out and the client's side are the same.
 
 use std::{
     collections::HashMap,
@@ -17,7 +21,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::{bus::parse_published, types::StoredEvent};
+use super::{redis_bus::parse_published, types::StoredEvent};
 use crate::ids::RunId;
 
 /// What a run's subscribers receive.
@@ -96,6 +100,21 @@ impl EventHub {
         Ok(hub)
     }
 
+    /// A hub fed in-process by the embedded mode's [`LocalBus`](super::LocalBus): no
+    /// subscriber task. When `shutdown` is cancelled every subscription ends, as with
+    /// [`Self::start`]; the task that waits for it belongs to `tracker`.
+    pub fn local(tracker: &TaskTracker, shutdown: CancellationToken) -> Self {
+        let hub = Self {
+            runs: Arc::default(),
+        };
+        let task_hub = hub.clone();
+        tracker.spawn(async move {
+            shutdown.cancelled().await;
+            task_hub.lock().clear();
+        });
+        hub
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<HubMessage>>> {
         self.runs
             .lock()
@@ -154,6 +173,11 @@ impl EventHub {
             tracing::warn!("ignoring a malformed event message");
             return;
         };
+        self.deliver(run_id, event);
+    }
+
+    /// Hands `event` to the subscribers of `run_id`, if it has any.
+    pub(crate) fn deliver(&self, run_id: &str, event: StoredEvent) {
         let tx = self.lock().get(run_id).cloned();
         if let Some(tx) = tx {
             let _ = tx.send(HubMessage::Event(Arc::new(event)));

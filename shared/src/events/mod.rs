@@ -7,11 +7,18 @@
 //! replays the Stream after its last seen seq ([`bus::EventBus::read_after`]). Postgres keeps
 //! every non-delta event of a finished run (`run_events`), so a run whose Stream expired can be
 //! rebuilt.
+//!
+//! The embedded mode (one process, one SQLite file) swaps Redis for the file's `event_buffer`
+//! table and an in-process hub ([`LocalBus`]), behind the same [`EventBus`].
 
 pub mod bus;
 pub mod hub;
+mod local_bus;
+pub(crate) mod redis_bus;
 mod types;
 
 pub use bus::{EventBus, EventError};
 pub use hub::{EventHub, HubMessage, Subscription};
+pub use local_bus::LocalBus;
+pub use redis_bus::RedisBus;
 pub use types::{EventKind, RunEvent, StoredEvent};

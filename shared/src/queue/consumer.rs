@@ -202,10 +202,26 @@ impl ConsumerConfig {
 
     /// Jobs run at once on `queue`.
     pub fn concurrency_of(&self, queue: QueueName) -> usize {
-        match queue {
-            QueueName::Batch if self.queues.contains(&QueueName::Chat) => self.batch_concurrency,
-            QueueName::Chat | QueueName::Batch => self.concurrency,
-        }
+        queue_concurrency(
+            &self.queues,
+            self.concurrency,
+            self.batch_concurrency,
+            queue,
+        )
+    }
+}
+
+/// Jobs run at once on `queue` by a consumer of `queues`: batch gets its own smaller limit
+/// when chat is served too (see the module docs).
+pub(crate) fn queue_concurrency(
+    queues: &[QueueName],
+    concurrency: usize,
+    batch_concurrency: usize,
+    queue: QueueName,
+) -> usize {
+    match queue {
+        QueueName::Batch if queues.contains(&QueueName::Chat) => batch_concurrency,
+        QueueName::Chat | QueueName::Batch => concurrency,
     }
 }
 

@@ -18,9 +18,12 @@
 //! - [`consumer`]: [`run_consumers`] and its [`ConsumerConfig`], used by the worker.
 //! - [`metrics`]: counters a worker can export ([`ConsumerMetrics`]).
 //! - [`stats`]: the backlog of each queue ([`JobProducer::stats`]), for the API's metrics.
+//! - [`local`]: the embedded mode's in-process queues ([`LocalQueue`], consumed by
+//!   [`run_local_consumers`]), behind the same [`JobProducer`] and job handler.
 
 pub mod consumer;
 mod handler;
+pub mod local;
 pub mod metrics;
 pub mod producer;
 pub mod stats;
@@ -31,8 +34,9 @@ use std::{fmt, str::FromStr};
 use serde::{Deserialize, Serialize};
 
 pub use consumer::{ConsumerConfig, run_consumers, unique_worker_name};
+pub use local::{LocalConsumerConfig, LocalQueue, run_local_consumers};
 pub use metrics::{ConsumerMetrics, ConsumerMetricsSnapshot};
-pub use producer::JobProducer;
+pub use producer::{JobProducer, RedisProducer};
 pub use stats::QueueStats;
 
 /// The job: a run to execute. The payload is only the id; the run's state lives in Postgres.
