@@ -14,7 +14,10 @@ use conveyor_shared::{
     config::WorkerConfig,
     db::CommitMode,
     llm::{LlmLimiter, build_client},
-    queue::{ConsumerConfig, ConsumerMetrics, QueueName, run_consumers, unique_worker_name},
+    queue::{
+        ConsumerConfig, ConsumerMetrics, JobProducer, LocalConsumerConfig, QueueName,
+        run_consumers, run_local_consumers, unique_worker_name,
+    },
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -85,6 +88,11 @@ pub async fn run_with(
 ) -> Result<(), WorkerError> {
     let common = &config.common;
     let Backends { db, bus, producer } = backends;
+    // The embedded mode's producer feeds in-process queues, which this worker then serves.
+    let local_queue = match &producer {
+        JobProducer::Local(queue) => Some(queue.clone()),
+        JobProducer::Redis(_) => None,
+    };
     let tracker = TaskTracker::new();
 
     let mut consumer = ConsumerConfig::new(
@@ -169,15 +177,17 @@ pub async fn run_with(
     tracing::info!(worker = %worker_name, provider = %config.llm.provider, model = %config.llm.model, concurrency = options.concurrency, "worker started");
 
     consumer.worker_name = worker_name;
-    let result = run_consumers(
-        consumer,
-        move |job| {
-            let executor = executor.clone();
-            async move { executor.handle(job).await }
-        },
-        shutdown.clone(),
-    )
-    .await;
+    let handler = move |job| {
+        let executor = executor.clone();
+        async move { executor.handle(job).await }
+    };
+    let result = match local_queue {
+        Some(queue) => {
+            let config = LocalConsumerConfig::from(&consumer);
+            run_local_consumers(queue, config, handler, shutdown.clone()).await
+        }
+        None => run_consumers(consumer, handler, shutdown.clone()).await,
+    };
     shutdown.cancel();
     mcp_shutdown.cancel();
     metrics_shutdown.cancel();

@@ -125,7 +125,10 @@ pub async fn accept(
     let (inserted, queued) = if title.is_some() && limit == 0 {
         // A new conversation with no per-user limit has nothing to check: one statement.
         let (queued, first) = queued_event(&conversation_id, 0);
-        (runs::insert_turn(&state.db, turn(&first)).await, queued)
+        (
+            runs::insert_turn(&state.db, turn(&first)).await,
+            (queued, first.seq),
+        )
     } else {
         let mut position = 0;
         let mut tx = state.db.begin().await?;
@@ -158,7 +161,7 @@ pub async fn accept(
             Ok(()) => tx.commit().await,
             Err(error) => Err(error),
         };
-        (inserted, queued)
+        (inserted, (queued, first.seq))
     };
     match inserted {
         Ok(()) => {}
@@ -180,7 +183,9 @@ pub async fn accept(
             tracing::warn!(run_id = %queued, %error, "cannot cancel an interrupted run now");
         }
     }
-    if let Err(error) = state.bus.publish(&run_id, &queued, 0).await {
+    // Live at the seq it was stored with: a stream attached later replays it from the buffer.
+    let (queued, queued_seq) = queued;
+    if let Err(error) = state.bus.publish_at(&run_id, queued_seq, &queued).await {
         tracing::warn!(run_id = %run_id, %error, "cannot publish run.queued");
     }
     if let Err(error) = state
