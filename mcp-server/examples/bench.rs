@@ -3,12 +3,14 @@
 //!
 //! ```text
 //! cargo run --release -p conveyor-mcp --example bench
+//! BENCH_DB=sqlite cargo run --release -p conveyor-mcp --example bench
 //! ```
 //!
-//! It creates its own database (see `tests/support/db.rs`; `TEST_DATABASE_URL` names the admin
-//! database), builds and spawns the release binary (`target/release/conveyor-mcp`, next to this
-//! example's `examples/` directory; set `CONVEYOR_MCP_BIN` to use another binary), seeds 20 tasks
-//! for one user, then times `list_tasks` and `add_task` with 1 and 8 concurrent callers on the
+//! It creates its own database (see `tests/support/db.rs`): Postgres by default
+//! (`TEST_DATABASE_URL` names the admin database), or a fresh SQLite file with
+//! `BENCH_DB=sqlite` (the embedded mode). It builds and spawns the release binary
+//! (`target/release/conveyor-mcp`, next to this example's `examples/` directory; set
+//! `CONVEYOR_MCP_BIN` to use another binary), seeds 20 tasks for one user, then times `list_tasks` and `add_task` with 1 and 8 concurrent callers on the
 //! one connection, plus MCP `ping` as the floor of the protocol path without a database.
 //! `BENCH_CALLS` sets the calls per case (default 2,000); `MCP_DB_POOL_SIZE` is
 //! passed through to the server. Writes go to a second user so the list stays at 20 tasks.
@@ -44,8 +46,13 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("BENCH_CALLS must be a whole number")?
         .unwrap_or(2_000);
+    let backend = match std::env::var("BENCH_DB").as_deref() {
+        Err(_) | Ok("postgres") => db::Backend::Postgres,
+        Ok("sqlite") => db::Backend::Sqlite,
+        Ok(other) => bail!("BENCH_DB must be postgres or sqlite (got {other:?})"),
+    };
     let bin = server_binary().await?;
-    let db = db::TestDb::create().await;
+    let db = db::TestDb::create(backend).await;
 
     let mut command = Command::new(&bin);
     command
@@ -74,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let pool = std::env::var("MCP_DB_POOL_SIZE")
         .unwrap_or_else(|_| conveyor_mcp::config::DEFAULT_POOL_SIZE.to_string());
     println!(
-        "conveyor-mcp over one stdio connection: {calls} calls per case, {SEEDED_TASKS} tasks listed, DB pool {pool}"
+        "conveyor-mcp over one stdio connection: {calls} calls per case, {SEEDED_TASKS} tasks listed, {backend:?}, DB pool {pool}"
     );
     println!(
         "{:<11} {:>7} {:>9} {:>9} {:>9}",
@@ -96,10 +103,9 @@ async fn main() -> anyhow::Result<()> {
     client.cancel().await.context("close the connection")?;
 
     // Every timed add_task call must have added exactly one task.
-    let added: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE user_id = $1")
-        .bind(WRITER)
-        .fetch_one(&db.pool)
-        .await?;
+    let added = db
+        .count("SELECT count(*) FROM tasks WHERE user_id = $1", WRITER)
+        .await;
     let expected = 200 + 2 * calls;
     if usize::try_from(added)? != expected {
         bail!("expected {expected} tasks for {WRITER}, found {added}");

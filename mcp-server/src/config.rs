@@ -2,8 +2,11 @@
 //!
 //! | variable | meaning |
 //! | --- | --- |
-//! | `DATABASE_URL` | Postgres URL (required) |
+//! | `DATABASE_URL` | required: a Postgres URL (`postgres://…`) or `sqlite:PATH`, a SQLite file created if missing (the embedded mode) |
 //! | `MCP_DB_POOL_SIZE` | maximum pooled connections (default 4; one stdio client rarely needs more) |
+//!
+//! The URL's scheme is checked when the server connects ([`conveyor_shared::db::Db::connect`]),
+//! still at start-up: any other scheme stops the process with an error naming `DATABASE_URL`.
 //! | `RUST_LOG` | log filter for stderr (default `info`) |
 
 use std::net::SocketAddr;
@@ -19,8 +22,8 @@ pub const DEFAULT_POOL_SIZE: u32 = 4;
     name = "conveyor-mcp",
     version,
     about = "Conveyor's task MCP server (stdio by default).",
-    after_help = "Environment: DATABASE_URL (required), MCP_DB_POOL_SIZE (default 4), RUST_LOG (default info). \
-Logs go to stderr; on stdio, stdout carries only the protocol."
+    after_help = "Environment: DATABASE_URL (required: postgres://… or sqlite:PATH, a SQLite file created if missing), \
+MCP_DB_POOL_SIZE (default 4), RUST_LOG (default info). Logs go to stderr; on stdio, stdout carries only the protocol."
 )]
 pub struct Cli {
     /// Serve MCP over streamable HTTP at http://ADDR/mcp instead of stdio (port 0 picks a free
@@ -48,7 +51,7 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "DATABASE_URL is not set: point it at Conveyor's Postgres database, e.g. postgres://postgres@127.0.0.1:5432/conveyor"
+        "DATABASE_URL is not set: point it at Conveyor's Postgres database, e.g. postgres://postgres@127.0.0.1:5432/conveyor, or at a SQLite file, e.g. sqlite:/var/lib/conveyor/tasks.db"
     )]
     MissingDatabaseUrl,
     #[error("MCP_DB_POOL_SIZE must be a whole number from 1 to 1000 (got {0:?})")]

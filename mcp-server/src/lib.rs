@@ -1,8 +1,9 @@
 //! `conveyor-mcp`: the task MCP server Conveyor's workers call tools on.
 //!
 //! Six tools (`add_task`, `list_tasks`, `complete_task`, `delete_task`, `update_task`,
-//! `set_priority`) over Postgres, each scoped by a required `user_id`. Mutating calls that
-//! carry `_meta["conveyor/idempotency_key"]` are exactly-once.
+//! `set_priority`) over Postgres or a SQLite file (`DATABASE_URL=sqlite:PATH`, the embedded
+//! mode), each scoped by a required `user_id`. Mutating calls that carry
+//! `_meta["conveyor/idempotency_key"]` are exactly-once.
 //!
 //! Layers, calls going one way: [`transport`] (stdio or streamable HTTP) → [`tools`]
 //! ([`TaskServer`]: argument rules and the answers a model reads) → [`store`] ([`TaskStore`]:
@@ -17,6 +18,7 @@ pub mod transport;
 
 use std::future::Future;
 
+use conveyor_shared::db::{CommitMode, Db};
 use tokio_util::sync::CancellationToken;
 
 pub use crate::config::{Cli, Config, ConfigError, Transport};
@@ -38,7 +40,7 @@ pub enum RunError {
     Serve(#[from] ServeError),
 }
 
-/// Connects to Postgres (migrating it), then serves on the configured transport until the
+/// Connects to the database (migrating it), then serves on the configured transport until the
 /// client leaves (stdio) or `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let token = CancellationToken::new();
@@ -55,19 +57,19 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 }
 
 async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let pool = conveyor_shared::db::connect_and_migrate(
+    let db = Db::connect(
         &config.database_url,
         config.pool_size,
-        conveyor_shared::db::CommitMode::Synchronous,
+        CommitMode::Synchronous,
     )
     .await?;
     match config.transport {
-        Transport::Stdio => serve_stdio(pool, shutdown).await?,
+        Transport::Stdio => serve_stdio(db, shutdown).await?,
         Transport::Http(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| RunError::Bind { addr, source })?;
-            serve_http(pool, listener, shutdown).await?;
+            serve_http(db, listener, shutdown).await?;
         }
     }
     Ok(())

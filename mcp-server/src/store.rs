@@ -2,12 +2,22 @@
 //!
 //! Each statement filters by `user_id`, so a task id that belongs to someone else behaves exactly
 //! like an id that does not exist. A mutation that carries an idempotency key records its resulting
-//! row in `tool_idempotency` in the same statement as the change, which makes its effect
-//! exactly-once even when a caller retries or two copies of one call race.
+//! row in `tool_idempotency` atomically with the change, which makes its effect exactly-once even
+//! when a caller retries or two copies of one call race.
+//!
+//! The database is Postgres or, in the embedded mode, a SQLite file ([`Db`]). Each statement is
+//! written for both, side by side ([`per_db!`]); the logic around them is shared. SQLite has no
+//! data-modifying CTEs, so where Postgres changes a task and records the key in one statement,
+//! SQLite runs two statements in one `BEGIN IMMEDIATE` transaction.
 
 use chrono::{DateTime, Utc};
+use conveyor_shared::{
+    db::{Db, Ex, Tx},
+    per_db,
+};
 use serde::Deserialize;
-use sqlx::PgPool;
+use serde_json::Value;
+use sqlx::types::Json;
 
 use crate::domain::{
     IdempotencyKey, Task, TaskChange, TaskDescription, TaskId, TaskPriority, TaskStatusFilter,
@@ -31,13 +41,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Postgres-backed storage for tasks and for the results of idempotent tool calls.
+/// Storage for tasks and for the results of idempotent tool calls, on Postgres or SQLite.
 #[derive(Debug, Clone)]
 pub struct TaskStore {
-    pool: PgPool,
+    db: Db,
 }
 
-/// A `tasks` row as Postgres returns it, before its priority is parsed.
+/// A `tasks` row as the database returns it, before its priority is parsed. (SQLite stores
+/// `completed` as 0/1 and the timestamps as ISO-8601 text; both decode into these types.)
+#[derive(sqlx::FromRow)]
 struct TaskRow {
     id: i64,
     title: String,
@@ -68,8 +80,8 @@ impl TryFrom<TaskRow> for Task {
 }
 
 impl TaskStore {
-    pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+    pub fn new(db: Db) -> Self {
+        Self { db }
     }
 
     /// The user's tasks matching `filter`, oldest first (ids grow with creation time).
@@ -78,30 +90,44 @@ impl TaskStore {
         user: &UserId,
         filter: TaskStatusFilter,
     ) -> Result<Vec<Task>, StoreError> {
-        let rows = sqlx::query_as!(
-            TaskRow,
-            r#"SELECT id, title, description, priority, completed, created_at, updated_at
+        let rows = per_db!(&self.db,
+            pg(e) => sqlx::query_as!(
+                TaskRow,
+                r#"SELECT id, title, description, priority, completed, created_at, updated_at
                FROM tasks
                WHERE user_id = $1 AND ($2::boolean IS NULL OR completed = $2)
                ORDER BY id"#,
-            user.as_str(),
-            filter.completed(),
-        )
-        .fetch_all(&self.pool)
-        .await?;
+                user.as_str(),
+                filter.completed(),
+            )
+            .fetch_all(e)
+            .await,
+            sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                "SELECT id, title, description, priority, completed, created_at, updated_at
+                 FROM tasks
+                 WHERE user_id = ?1 AND (?2 IS NULL OR completed = ?2)
+                 ORDER BY id",
+            )
+            .bind(user.as_str())
+            .bind(filter.completed())
+            .fetch_all(e)
+            .await,
+        )?;
         rows.into_iter().map(Task::try_from).collect()
     }
 
     /// Applies `change` for `user` and returns `render(&task)`, where `task` is the row after
     /// the change (for a delete: the row that was deleted).
     ///
-    /// With a `key`, the same statement stores the task row under `(user, key)`, so the effect
-    /// and its record commit together. A later call with that key conflicts on the record,
-    /// which undoes its change, and answers from the stored row instead (`render` of the same
-    /// change and row gives the same reply). Two concurrent calls with one key both run the
-    /// change, but only one can insert the key: the other's insert waits for the first to
-    /// commit, fails, and answers the stored row. A failed change (e.g. an unknown task)
-    /// stores nothing, so it may be retried.
+    /// With a `key`, the task row is stored under `(user, key)` in the same statement
+    /// (Postgres) or transaction (SQLite) as the change, so the effect and its record commit
+    /// together. A later call with that key conflicts on the record, which undoes its change,
+    /// and answers from the stored row instead (`render` of the same change and row gives the
+    /// same reply). Two concurrent calls with one key both run the change, but only one can
+    /// insert the key: the other's insert waits for the first to commit, fails, and answers the
+    /// stored row. (SQLite has one writer at a time: the second call's transaction waits for
+    /// the first to commit, then fails on the key the same way.) A failed change (e.g. an
+    /// unknown task) stores nothing, so it may be retried.
     pub async fn apply<R, F>(
         &self,
         user: &UserId,
@@ -112,7 +138,7 @@ impl TaskStore {
     where
         F: FnOnce(&Task) -> R,
     {
-        let applied = run_change(&self.pool, user, change, key).await;
+        let applied = run_change(&self.db, user, change, key).await;
         let Some(key) = key else {
             return applied.map(|task| render(&task));
         };
@@ -142,14 +168,24 @@ impl TaskStore {
         key: &IdempotencyKey,
         change: &TaskChange,
     ) -> Result<Option<Task>, StoreError> {
-        let Some(row) = sqlx::query!(
-            "SELECT tool, result FROM tool_idempotency WHERE user_id = $1 AND key = $2",
-            user.as_str(),
-            key.as_str(),
-        )
-        .fetch_optional(&self.pool)
-        .await?
-        else {
+        let kept = per_db!(&self.db,
+            pg(e) => sqlx::query!(
+                "SELECT tool, result FROM tool_idempotency WHERE user_id = $1 AND key = $2",
+                user.as_str(),
+                key.as_str(),
+            )
+            .fetch_optional(e)
+            .await
+            .map(|row| row.map(|row| KeptRow { tool: row.tool, result: Json(row.result) })),
+            sqlite(e) => sqlx::query_as::<_, KeptRow>(
+                "SELECT tool, result FROM tool_idempotency WHERE user_id = ?1 AND key = ?2",
+            )
+            .bind(user.as_str())
+            .bind(key.as_str())
+            .fetch_optional(e)
+            .await,
+        )?;
+        let Some(row) = kept else {
             return Ok(None);
         };
         if row.tool != change.tool_name() {
@@ -161,13 +197,21 @@ impl TaskStore {
             tool = row.tool,
             "answering a repeated call from its stored result"
         );
-        let stored: StoredTask = serde_json::from_value(row.result)
+        let stored: StoredTask = serde_json::from_value(row.result.0)
             .map_err(|e| StoreError::Corrupt(format!("stored result of {}: {e}", row.tool)))?;
         TaskRow::from(stored).try_into().map(Some)
     }
 }
 
-/// A task row as `to_jsonb` stores it in `tool_idempotency.result`.
+/// A `tool_idempotency` row: the tool a key was first used for and the task row it produced.
+#[derive(sqlx::FromRow)]
+struct KeptRow {
+    tool: String,
+    result: Json<Value>,
+}
+
+/// A task row as it is stored in `tool_idempotency.result`: by `to_jsonb` on Postgres, by
+/// serializing the [`Task`] on SQLite (the same fields, the priority as its name).
 #[derive(Deserialize)]
 struct StoredTask {
     id: i64,
@@ -193,13 +237,64 @@ impl From<StoredTask> for TaskRow {
     }
 }
 
-/// Runs the one statement that makes `change` and, with a `key`, records the resulting row
-/// under it (see [`TaskStore::apply`]).
+/// Makes `change` and, with a `key`, records the resulting row under it, atomically (see
+/// [`TaskStore::apply`]).
 ///
-/// Each statement has the same shape: the change in a `task` CTE, the record inserted from it
-/// (`WHERE $key IS NOT NULL`: nothing without a key), the row returned.
+/// Postgres does both in the change's own statement. SQLite has no data-modifying CTEs, so a
+/// keyed change there is the change, then the record, in one transaction; `BEGIN IMMEDIATE`
+/// takes the write lock first, so a racing copy of the call waits for this one to commit and
+/// then fails on the key, as on Postgres. A change without a key is one statement on both.
 async fn run_change(
-    pool: &PgPool,
+    db: &Db,
+    user: &UserId,
+    change: &TaskChange,
+    key: Option<&IdempotencyKey>,
+) -> Result<Task, StoreError> {
+    let (Db::Sqlite(_), Some(key)) = (db, key) else {
+        // Postgres, or no key: one statement, in autocommit.
+        return changed(db.into(), user, change, key).await;
+    };
+    let mut tx = db.begin().await?;
+    let task = changed((&mut tx).into(), user, change, Some(key)).await?;
+    keep(&mut tx, user, key, change.tool_name(), &task).await?;
+    tx.commit().await?;
+    Ok(task)
+}
+
+/// Records `task` as the result of the call keyed `key`: SQLite's second statement of a keyed
+/// change. A key already used fails here with a unique violation, which rolls the change back.
+async fn keep(
+    tx: &mut Tx,
+    user: &UserId,
+    key: &IdempotencyKey,
+    tool: &str,
+    task: &Task,
+) -> Result<(), StoreError> {
+    per_db!(tx,
+        // Recorded by the change's own statement (its `kept` CTE).
+        pg(_e) => Ok(()),
+        sqlite(e) => sqlx::query(
+            "INSERT INTO tool_idempotency (user_id, key, tool, result) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(user.as_str())
+        .bind(key.as_str())
+        .bind(tool)
+        .bind(Json(task))
+        .execute(e)
+        .await
+        .map(drop),
+    )?;
+    Ok(())
+}
+
+/// Runs the statement that makes `change` on `ex`; on Postgres it also records the resulting
+/// row under `key`.
+///
+/// Each Postgres statement has the same shape: the change in a `task` CTE, the record inserted
+/// from it (`WHERE $key IS NOT NULL`: nothing without a key), the row returned. The SQLite
+/// twin is the change alone, with `RETURNING`.
+async fn changed(
+    ex: Ex<'_>,
     user: &UserId,
     change: &TaskChange,
     key: Option<&IdempotencyKey>,
@@ -213,9 +308,10 @@ async fn run_change(
             description,
             priority,
         } => {
-            let row = sqlx::query_as!(
-                TaskRow,
-                r#"WITH task AS (
+            let row = per_db!(ex,
+                pg(e) => sqlx::query_as!(
+                    TaskRow,
+                    r#"WITH task AS (
                        INSERT INTO tasks (user_id, title, description, priority)
                        VALUES ($1, $4, $5, $6)
                        RETURNING id, title, description, priority, completed, created_at, updated_at),
@@ -226,22 +322,35 @@ async fn run_change(
                           completed AS "completed!", created_at AS "created_at!",
                           updated_at AS "updated_at!"
                    FROM task"#,
-                user,
-                key,
-                tool,
-                title.as_str(),
-                description.as_ref().map(TaskDescription::as_str),
-                priority.as_str(),
-            )
-            .fetch_one(pool)
-            .await?;
+                    user,
+                    key,
+                    tool,
+                    title.as_str(),
+                    description.as_ref().map(TaskDescription::as_str),
+                    priority.as_str(),
+                )
+                .fetch_one(e)
+                .await,
+                sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                    "INSERT INTO tasks (user_id, title, description, priority)
+                     VALUES (?1, ?2, ?3, ?4)
+                     RETURNING id, title, description, priority, completed, created_at, updated_at",
+                )
+                .bind(user)
+                .bind(title.as_str())
+                .bind(description.as_ref().map(TaskDescription::as_str))
+                .bind(priority.as_str())
+                .fetch_one(e)
+                .await,
+            )?;
             return row.try_into();
         }
         TaskChange::Complete(id) => {
             // `updated_at` moves only when the task actually changes.
-            let row = sqlx::query_as!(
-                TaskRow,
-                r#"WITH task AS (
+            let row = per_db!(ex,
+                pg(e) => sqlx::query_as!(
+                    TaskRow,
+                    r#"WITH task AS (
                        UPDATE tasks
                        SET completed = true,
                            updated_at = CASE WHEN completed THEN updated_at ELSE now() END
@@ -254,19 +363,33 @@ async fn run_change(
                           completed AS "completed!", created_at AS "created_at!",
                           updated_at AS "updated_at!"
                    FROM task"#,
-                user,
-                key,
-                tool,
-                id.0,
-            )
-            .fetch_optional(pool)
-            .await?;
+                    user,
+                    key,
+                    tool,
+                    id.0,
+                )
+                .fetch_optional(e)
+                .await,
+                sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                    "UPDATE tasks
+                     SET completed = 1,
+                         updated_at = CASE WHEN completed THEN updated_at
+                                           ELSE strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END
+                     WHERE id = ?2 AND user_id = ?1
+                     RETURNING id, title, description, priority, completed, created_at, updated_at",
+                )
+                .bind(user)
+                .bind(id.0)
+                .fetch_optional(e)
+                .await,
+            )?;
             (row, *id)
         }
         TaskChange::Delete(id) => {
-            let row = sqlx::query_as!(
-                TaskRow,
-                r#"WITH task AS (
+            let row = per_db!(ex,
+                pg(e) => sqlx::query_as!(
+                    TaskRow,
+                    r#"WITH task AS (
                        DELETE FROM tasks
                        WHERE id = $4 AND user_id = $1
                        RETURNING id, title, description, priority, completed, created_at, updated_at),
@@ -277,13 +400,23 @@ async fn run_change(
                           completed AS "completed!", created_at AS "created_at!",
                           updated_at AS "updated_at!"
                    FROM task"#,
-                user,
-                key,
-                tool,
-                id.0,
-            )
-            .fetch_optional(pool)
-            .await?;
+                    user,
+                    key,
+                    tool,
+                    id.0,
+                )
+                .fetch_optional(e)
+                .await,
+                sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                    "DELETE FROM tasks
+                     WHERE id = ?2 AND user_id = ?1
+                     RETURNING id, title, description, priority, completed, created_at, updated_at",
+                )
+                .bind(user)
+                .bind(id.0)
+                .fetch_optional(e)
+                .await,
+            )?;
             (row, *id)
         }
         TaskChange::Update {
@@ -291,9 +424,10 @@ async fn run_change(
             title,
             description,
         } => {
-            let row = sqlx::query_as!(
-                TaskRow,
-                r#"WITH task AS (
+            let row = per_db!(ex,
+                pg(e) => sqlx::query_as!(
+                    TaskRow,
+                    r#"WITH task AS (
                        UPDATE tasks
                        SET title = COALESCE($5, title),
                            description = COALESCE($6, description),
@@ -307,21 +441,37 @@ async fn run_change(
                           completed AS "completed!", created_at AS "created_at!",
                           updated_at AS "updated_at!"
                    FROM task"#,
-                user,
-                key,
-                tool,
-                id.0,
-                title.as_ref().map(TaskTitle::as_str),
-                description.as_ref().map(TaskDescription::as_str),
-            )
-            .fetch_optional(pool)
-            .await?;
+                    user,
+                    key,
+                    tool,
+                    id.0,
+                    title.as_ref().map(TaskTitle::as_str),
+                    description.as_ref().map(TaskDescription::as_str),
+                )
+                .fetch_optional(e)
+                .await,
+                sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                    "UPDATE tasks
+                     SET title = COALESCE(?3, title),
+                         description = COALESCE(?4, description),
+                         updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                     WHERE id = ?2 AND user_id = ?1
+                     RETURNING id, title, description, priority, completed, created_at, updated_at",
+                )
+                .bind(user)
+                .bind(id.0)
+                .bind(title.as_ref().map(TaskTitle::as_str))
+                .bind(description.as_ref().map(TaskDescription::as_str))
+                .fetch_optional(e)
+                .await,
+            )?;
             (row, *id)
         }
         TaskChange::SetPriority { id, priority } => {
-            let row = sqlx::query_as!(
-                TaskRow,
-                r#"WITH task AS (
+            let row = per_db!(ex,
+                pg(e) => sqlx::query_as!(
+                    TaskRow,
+                    r#"WITH task AS (
                        UPDATE tasks
                        SET priority = $5, updated_at = now()
                        WHERE id = $4 AND user_id = $1
@@ -333,14 +483,26 @@ async fn run_change(
                           completed AS "completed!", created_at AS "created_at!",
                           updated_at AS "updated_at!"
                    FROM task"#,
-                user,
-                key,
-                tool,
-                id.0,
-                priority.as_str(),
-            )
-            .fetch_optional(pool)
-            .await?;
+                    user,
+                    key,
+                    tool,
+                    id.0,
+                    priority.as_str(),
+                )
+                .fetch_optional(e)
+                .await,
+                sqlite(e) => sqlx::query_as::<_, TaskRow>(
+                    "UPDATE tasks
+                     SET priority = ?3, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                     WHERE id = ?2 AND user_id = ?1
+                     RETURNING id, title, description, priority, completed, created_at, updated_at",
+                )
+                .bind(user)
+                .bind(id.0)
+                .bind(priority.as_str())
+                .fetch_optional(e)
+                .await,
+            )?;
             (row, *id)
         }
     };

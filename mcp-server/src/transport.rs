@@ -6,6 +6,7 @@
 
 use std::io;
 
+use conveyor_shared::db::Db;
 use rmcp::{
     ServiceExt,
     service::ServerInitializeError,
@@ -13,7 +14,6 @@ use rmcp::{
         StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
     },
 };
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -42,8 +42,8 @@ pub enum ServeError {
 /// stdout carries only protocol messages; logs go to stderr. A line that is not JSON is
 /// ignored and well-formed JSON that is not a JSON-RPC message gets an "Invalid request"
 /// error (rmcp's transport does both), so one bad line never ends the session.
-pub async fn serve_stdio(pool: PgPool, shutdown: CancellationToken) -> Result<(), ServeError> {
-    let server = TaskServer::new(TaskStore::new(pool));
+pub async fn serve_stdio(db: Db, shutdown: CancellationToken) -> Result<(), ServeError> {
+    let server = TaskServer::new(TaskStore::new(db));
     let running = match server
         .serve_with_ct(rmcp::transport::stdio_pipes(), shutdown)
         .await
@@ -67,11 +67,11 @@ pub async fn serve_stdio(pool: PgPool, shutdown: CancellationToken) -> Result<()
 /// rmcp only accepts loopback `Host` headers by default (DNS-rebinding protection); this
 /// server has no authentication of its own, so keep it on loopback.
 pub async fn serve_http(
-    pool: PgPool,
+    db: Db,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
-    let server = TaskServer::new(TaskStore::new(pool));
+    let server = TaskServer::new(TaskStore::new(db));
     let service: StreamableHttpService<TaskServer, LocalSessionManager> =
         StreamableHttpService::new(
             move || Ok(server.clone()),

@@ -1,5 +1,5 @@
 //! `conveyor-mcp --http`: the same scenarios over streamable HTTP, against the real binary
-//! listening on a free port, each test with its own database.
+//! listening on a free port, each test with its own database (Postgres, or a SQLite file).
 
 mod support;
 
@@ -12,14 +12,14 @@ use tokio::{
     task::JoinHandle,
 };
 
-use support::{Connected, DEADLINE, TestDb};
+use support::{Backend, Connected, DEADLINE, TestDb};
 
 transport_scenarios!(connect_http);
 
 /// Starts the binary with `--http 127.0.0.1:0`, learns its port from the `listening on` log
 /// line, and connects rmcp's streamable HTTP client to `/mcp`.
-async fn connect_http() -> Connected {
-    let db = TestDb::create().await;
+async fn connect_http(backend: Backend) -> Connected {
+    let db = TestDb::create(backend).await;
     let (child, addr, logs) = start_http_server(&db).await;
     let transport = StreamableHttpClientTransport::from_uri(format!("http://{addr}/mcp"));
     let client = tokio::time::timeout(DEADLINE, ().serve(transport))
@@ -31,7 +31,7 @@ async fn connect_http() -> Connected {
 
 /// Spawns the HTTP server and waits (with a deadline) until it says where it listens.
 async fn start_http_server(db: &TestDb) -> (Child, SocketAddr, JoinHandle<()>) {
-    let mut child = support::server_command(db)
+    let mut child = support::server_command(&db.url)
         .args(["--http", "127.0.0.1:0"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -57,7 +57,7 @@ async fn start_http_server(db: &TestDb) -> (Child, SocketAddr, JoinHandle<()>) {
 
 #[tokio::test]
 async fn exits_cleanly_on_sigterm() {
-    let db = TestDb::create().await;
+    let db = TestDb::create(Backend::Postgres).await;
     let (mut child, _addr, _logs) = start_http_server(&db).await;
     let pid = child.id().expect("pid").to_string();
     let killed = tokio::process::Command::new("kill")

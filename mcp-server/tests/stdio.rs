@@ -1,5 +1,5 @@
 //! `conveyor-mcp` on stdio, the way Conveyor's workers run it: the real binary as a child
-//! process, each test with its own database.
+//! process, each test with its own database (Postgres, or a SQLite file).
 
 mod support;
 
@@ -12,14 +12,14 @@ use tokio::{
     process::{Child, ChildStdin, ChildStdout},
 };
 
-use support::{Connected, DEADLINE, TestDb};
+use support::{Backend, Connected, DEADLINE, TestDb, db::TempDir};
 
 transport_scenarios!(connect_stdio);
 
 /// Starts the binary on stdio with a fresh database and connects rmcp's child-process client.
-async fn connect_stdio() -> Connected {
-    let db = TestDb::create().await;
-    let (transport, stderr) = TokioChildProcess::builder(support::server_command(&db))
+async fn connect_stdio(backend: Backend) -> Connected {
+    let db = TestDb::create(backend).await;
+    let (transport, stderr) = TokioChildProcess::builder(support::server_command(&db.url))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn conveyor-mcp");
@@ -42,8 +42,9 @@ struct RawSession {
 }
 
 impl RawSession {
-    async fn start(db: &TestDb) -> Self {
-        let mut child = support::server_command(db)
+    /// Starts the server against `database_url` and completes the MCP handshake.
+    async fn start(database_url: &str) -> Self {
+        let mut child = support::server_command(database_url)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -108,8 +109,8 @@ impl RawSession {
 
 #[tokio::test]
 async fn survives_malformed_json_rpc_lines() {
-    let db = TestDb::create().await;
-    let mut session = RawSession::start(&db).await;
+    let db = TestDb::create(Backend::Postgres).await;
+    let mut session = RawSession::start(&db.url).await;
 
     session.send(b"this is not json").await;
     session
@@ -163,8 +164,8 @@ async fn survives_malformed_json_rpc_lines() {
 
 #[tokio::test]
 async fn exits_cleanly_on_sigterm_while_stdin_is_open() {
-    let db = TestDb::create().await;
-    let mut session = RawSession::start(&db).await;
+    let db = TestDb::create(Backend::Postgres).await;
+    let mut session = RawSession::start(&db.url).await;
     let pid = session.child.id().expect("pid").to_string();
     let killed = tokio::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -195,4 +196,55 @@ async fn missing_database_url_is_a_clear_startup_error() {
     assert!(output.stdout.is_empty(), "stdout is for the protocol only");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("DATABASE_URL is not set"), "{stderr}");
+}
+
+#[tokio::test]
+async fn unknown_database_url_scheme_is_a_clear_startup_error() {
+    let output = tokio::process::Command::new(support::BIN)
+        .env("DATABASE_URL", "mysql://root@127.0.0.1/conveyor")
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("exit in time")
+        .expect("run conveyor-mcp");
+    assert!(!output.status.success());
+    assert!(output.stdout.is_empty(), "stdout is for the protocol only");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("DATABASE_URL must start with postgres://, postgresql:// or sqlite:"),
+        "{stderr}"
+    );
+}
+
+/// The embedded mode's promise: the SQLite file is created on first start, and what a call
+/// acknowledged survives the server being killed — a keyed repeat after the restart answers
+/// the stored result instead of adding the task again.
+#[tokio::test]
+async fn sqlite_file_is_created_and_a_killed_server_loses_nothing() {
+    let dir = TempDir::create();
+    let file = dir.file("tasks.db");
+    let url = dir.sqlite_url("tasks.db");
+    assert!(!file.exists());
+    let add = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add_task","arguments":{"user_id":"alice","title":"Outlive the server"},"_meta":{"conveyor/idempotency_key":"call-1"}}}"#;
+    let list = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"list_tasks","arguments":{"user_id":"alice"}}}"#;
+
+    let mut first = RawSession::start(&url).await;
+    assert!(file.exists(), "the SQLite file is created at start-up");
+    first.send(add).await;
+    let added = first.response(2).await;
+    assert_eq!(added["result"]["isError"], json!(false), "{added}");
+    first.child.kill().await.expect("SIGKILL the server");
+
+    let mut second = RawSession::start(&url).await;
+    second.send(add).await;
+    let repeated = second.response(2).await;
+    assert_eq!(repeated["result"], added["result"]);
+    second.send(list).await;
+    let listed = second.response(3).await;
+    assert_eq!(listed["result"]["structuredContent"]["count"], json!(1));
+    assert_eq!(
+        listed["result"]["structuredContent"]["tasks"][0],
+        added["result"]["structuredContent"]["task"]
+    );
 }

@@ -1,6 +1,7 @@
 //! What the stdio and HTTP test suites share: a database per test, the real binary started
 //! on either transport, tool-call helpers, and the scenarios themselves — each scenario is one
-//! function taking a connected client, run by both suites through [`transport_scenarios!`].
+//! function taking a connected client, run by both suites on both databases (Postgres and a
+//! SQLite file) through [`transport_scenarios!`].
 
 pub mod db;
 
@@ -18,7 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use self::db::TestDb;
+pub use self::db::{Backend, TestDb};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_conveyor-mcp");
@@ -73,11 +74,11 @@ impl Drop for ServerProcess {
     }
 }
 
-/// A `conveyor-mcp` command against `db`, logging at `info` to a pipe.
-pub fn server_command(db: &TestDb) -> Command {
+/// A `conveyor-mcp` command against `database_url`, logging at `info` to a pipe.
+pub fn server_command(database_url: &str) -> Command {
     let mut command = Command::new(BIN);
     command
-        .env("DATABASE_URL", &db.url)
+        .env("DATABASE_URL", database_url)
         .env("RUST_LOG", "info")
         .kill_on_drop(true);
     command
@@ -198,11 +199,7 @@ pub async fn count_rows(db: &TestDb, table: Table, user: &str) -> i64 {
         Table::Tasks => "SELECT count(*) FROM tasks WHERE user_id = $1",
         Table::ToolIdempotency => "SELECT count(*) FROM tool_idempotency WHERE user_id = $1",
     };
-    sqlx::query_scalar(sql)
-        .bind(user)
-        .fetch_one(&db.pool)
-        .await
-        .expect("count rows")
+    db.count(sql, user).await
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -754,23 +751,32 @@ pub mod scenarios {
     }
 }
 
-/// Expands to one `#[tokio::test]` per shared scenario, connected by `$connect`.
+/// Expands to one `#[tokio::test]` per shared scenario and database, connected by
+/// `$connect(Backend)`: `postgres::<scenario>` and `sqlite::<scenario>`.
 #[macro_export]
 macro_rules! transport_scenarios {
     ($connect:path) => {
-        $crate::transport_scenarios!(@tests $connect;
-            tools_are_listed_with_their_schemas,
-            full_task_flow,
-            users_cannot_see_or_change_each_others_tasks,
-            bad_inputs_are_tool_errors_and_change_nothing,
-            idempotency_keys_make_effects_exactly_once,
-        );
+        $crate::transport_scenarios!(@database $connect; postgres, Postgres);
+        $crate::transport_scenarios!(@database $connect; sqlite, Sqlite);
     };
-    (@tests $connect:path; $($scenario:ident),* $(,)?) => {
+    (@database $connect:path; $module:ident, $backend:ident) => {
+        mod $module {
+            use super::*;
+
+            $crate::transport_scenarios!(@tests $connect, $backend;
+                tools_are_listed_with_their_schemas,
+                full_task_flow,
+                users_cannot_see_or_change_each_others_tasks,
+                bad_inputs_are_tool_errors_and_change_nothing,
+                idempotency_keys_make_effects_exactly_once,
+            );
+        }
+    };
+    (@tests $connect:path, $backend:ident; $($scenario:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $scenario() {
-                let connected = $connect().await;
+                let connected = $connect(support::Backend::$backend).await;
                 tokio::time::timeout(
                     support::DEADLINE,
                     support::scenarios::$scenario(&connected),
