@@ -25,7 +25,7 @@ async fn fresh_db() -> anyhow::Result<(Db, std::path::PathBuf)> {
     Ok((db, path))
 }
 
-fn event(seq: u64, kind: EventKind, data: serde_json::Value) -> StoredEvent {
+fn event(seq: u64, kind: EventKind, data: &serde_json::Value) -> StoredEvent {
     StoredEvent {
         seq,
         kind,
@@ -40,7 +40,7 @@ async fn a_turn_is_accepted_claimed_journaled_finished_and_read_back() -> anyhow
     let conversation = ConversationId::new();
     let run = RunId::new();
     let message = MessageId::new();
-    let queued = event(1, EventKind::RunQueued, json!({"status": "queued"}));
+    let queued = event(1, EventKind::RunQueued, &json!({"status": "queued"}));
     runs::insert_turn(
         &db,
         NewTurn {
@@ -159,8 +159,8 @@ async fn a_turn_is_accepted_claimed_journaled_finished_and_read_back() -> anyhow
         },
     ];
     let events = [
-        event(8, EventKind::MessageCompleted, json!({"text": "Done."})),
-        event(9, EventKind::RunCompleted, json!({"status": "completed"})),
+        event(8, EventKind::MessageCompleted, &json!({"text": "Done."})),
+        event(9, EventKind::RunCompleted, &json!({"status": "completed"})),
     ];
     let end = |attempt, worker| FinishedAttempt {
         id: run.as_str(),
