@@ -5,7 +5,8 @@
 //! A stack runs in one of two [`Mode`]s: distributed (the above) or embedded, one
 //! `conveyor dev` process on a fresh SQLite file beside the same fake LLM, which the test may
 //! kill and start again on the same file ([`Stack::kill_embedded`],
-//! [`Stack::restart_embedded`]); [`Stack::sql`] reads either database.
+//! [`Stack::restart_embedded`]). [`both_modes!`](crate::both_modes) runs one test body in
+//! each; [`Stack::sql`] reads either database.
 //!
 //! For outage tests a stack can instead get a Redis of its own ([`RedisMode::Private`], a
 //! `redis-server` the test may kill and restart) and reach Postgres through a proxy that can
