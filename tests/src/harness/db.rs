@@ -151,7 +151,8 @@ impl Drop for TestDb {
 }
 
 /// The test's view of a stack's database, Postgres or SQLite: `db.query(SQL).bind(…)` then
-/// `scalar`, `scalars`, `row` or `rows`, decoding with the database's own types.
+/// `scalar`, `scalars`, `row` or `rows`, decoding with the database's own types (or
+/// `execute`, for the rare test that stages a state itself).
 #[derive(Clone)]
 pub enum TestPool {
     Postgres(PgPool),
@@ -228,6 +229,33 @@ impl TestQuery<'_> {
     pub fn bind(mut self, value: impl Into<Bind>) -> Self {
         self.binds.push(value.into());
         self
+    }
+
+    /// Runs a statement that returns no rows; returns how many rows it changed.
+    pub async fn execute(self) -> anyhow::Result<u64> {
+        let sql = sqlx::AssertSqlSafe(self.sql);
+        Ok(match self.pool {
+            TestPool::Postgres(pool) => {
+                let mut query = sqlx::query::<Postgres>(sql);
+                for bind in self.binds {
+                    query = match bind {
+                        Bind::Text(v) => query.bind(v),
+                        Bind::Int(v) => query.bind(v),
+                    };
+                }
+                query.execute(pool).await?.rows_affected()
+            }
+            TestPool::Sqlite(pool) => {
+                let mut query = sqlx::query::<Sqlite>(sql);
+                for bind in self.binds {
+                    query = match bind {
+                        Bind::Text(v) => query.bind(v),
+                        Bind::Int(v) => query.bind(v),
+                    };
+                }
+                query.execute(pool).await?.rows_affected()
+            }
+        })
     }
 
     /// Every row.

@@ -615,12 +615,12 @@ fn common_env(cmd: &mut Command, options: &StackOptions, services: &Services<'_>
 /// environment, and where its output goes.
 fn process_env(cmd: &mut Command, options: &StackOptions) {
     cmd.env(
-            "RUST_LOG",
-            std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
-        )
-        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
+        "RUST_LOG",
+        std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
+    )
+    .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    .stdout(Stdio::null())
+    .kill_on_drop(true);
     let log_file = options.log_file.as_ref().map(|path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -676,7 +676,9 @@ fn spawn_embedded(
     addr: SocketAddr,
     llm_url: &str,
 ) -> anyhow::Result<Child> {
-    let path = db.sqlite_path().context("an embedded stack's database is a file")?;
+    let path = db
+        .sqlite_path()
+        .context("an embedded stack's database is a file")?;
     let mut cmd = Command::new(binary("conveyor"));
     cmd.arg("dev")
         .arg("--db")
