@@ -12,8 +12,10 @@
 //! | Redis rate-limit counters | in-process counters |
 //!
 //! A restart resumes what the last process left: runs still `queued` are queued again, runs
-//! that were `running` are taken over from their journal (no tool call repeats), and a client
-//! resuming with `Last-Event-ID` replays the buffer written before the restart, gap-free.
+//! that were `running` are taken over from their journal (no tool call repeats) or, when a
+//! cancel was requested that the last process did not live to carry out, end `cancelled`; a
+//! client resuming with `Last-Event-ID` replays the buffer written before the restart,
+//! gap-free.
 
 use std::{collections::HashMap, net::SocketAddr, path::PathBuf};
 
@@ -23,8 +25,10 @@ use conveyor_shared::{
     config::{ApiConfig, ConfigError, Env, ProcessEnv, WorkerConfig},
     db::{CommitMode, Db},
     events::{EventBus, EventHub},
+    ids::RunId,
     llm::LlmLimiter,
     queue::{JobProducer, LocalQueue, QueueName, RunJob},
+    run_control,
     store::runs,
 };
 use conveyor_worker::{WorkerOptions, mcp::ServerSpec};
@@ -77,6 +81,8 @@ pub enum DevError {
     Worker(#[from] conveyor_worker::WorkerError),
     #[error(transparent)]
     Queue(#[from] conveyor_shared::queue::QueueError),
+    #[error("cannot end an interrupted run: {0}")]
+    Control(#[from] run_control::ControlError),
 }
 
 /// The process environment with the embedded mode's settings laid over it.
@@ -168,6 +174,7 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
         api_config.max_sse_streams_per_user,
         metrics.sse_streams.clone(),
     );
+    cancel_interrupted_cancels(&db, &bus).await?;
     requeue_unfinished(&db, &producer).await?;
 
     let listener = TcpListener::bind(args.addr)
@@ -217,6 +224,26 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
     let worker = worker.await.unwrap_or(Ok(()));
     api?;
     worker?;
+    Ok(())
+}
+
+/// Ends the runs the last process left `running` with a cancel requested: it was killed
+/// before its heartbeat saw the cancel, and a claim never takes a run whose cancel was
+/// requested, so they would otherwise stay `running` for good (and keep their conversation
+/// busy).
+async fn cancel_interrupted_cancels(db: &Db, bus: &EventBus) -> Result<(), DevError> {
+    let Db::Sqlite(pool) = db else {
+        unreachable!("conveyor dev opens a sqlite: URL")
+    };
+    for id in runs::running_with_cancel_requested(pool).await? {
+        let Ok(run_id) = RunId::parse(&id) else {
+            tracing::warn!(run_id = id, "malformed run id; left as it is");
+            continue;
+        };
+        if run_control::cancel_abandoned(db, bus, &run_id).await? {
+            tracing::info!(run_id = %run_id, "cancelled a run whose cancel the last stop interrupted");
+        }
+    }
     Ok(())
 }
 

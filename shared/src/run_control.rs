@@ -1,8 +1,10 @@
-//! Ending a run from outside its worker: cancelling one that has not started.
+//! Ending a run from outside its worker: cancelling one that has not started, or one whose
+//! worker is gone.
 //!
-//! Shared by the API (`POST …/cancel`, `multitask=interrupt`) and the worker (a job for a run
-//! whose cancel was requested before it started), so both end it the same way: final status,
-//! the durable `run.cancelled` event and the live one at the same seq.
+//! Shared by the API (`POST …/cancel`, `multitask=interrupt`), the worker (a job for a run
+//! whose cancel was requested before it started) and the embedded mode's start-up (a run whose
+//! cancel the last process did not live to carry out), so all end it the same way: final
+//! status, the durable `run.cancelled` event and the live one at the same seq.
 
 use crate::{
     db::Db,
@@ -22,10 +24,31 @@ pub enum ControlError {
 
 /// Cancels `run_id` if it is still queued; `false` if it had started or ended meanwhile.
 pub async fn cancel_queued(db: &Db, bus: &EventBus, run_id: &RunId) -> Result<bool, ControlError> {
+    cancel_in_status(db, bus, run_id, "queued").await
+}
+
+/// Cancels `run_id` if it is `running` with no live worker, which only the caller can know
+/// (the embedded mode at start-up: one process per file, so no run has a worker yet). The
+/// dead attempt's uncommitted answer is gone; the run ends with what was committed.
+pub async fn cancel_abandoned(
+    db: &Db,
+    bus: &EventBus,
+    run_id: &RunId,
+) -> Result<bool, ControlError> {
+    cancel_in_status(db, bus, run_id, "running").await
+}
+
+/// Cancels `run_id` if its status is still `expected`.
+async fn cancel_in_status(
+    db: &Db,
+    bus: &EventBus,
+    run_id: &RunId,
+    expected: &str,
+) -> Result<bool, ControlError> {
     let floor = run_events::max_seq(db, run_id.as_str()).await?;
     let mut tx = db.begin_durable().await?;
     match runs::lock(&mut tx, run_id.as_str()).await? {
-        Some((status, _)) if status == "queued" => {}
+        Some((status, _)) if status == expected => {}
         _ => return Ok(false),
     }
     let seq = bus.reserve(run_id, 1, floor).await?;
