@@ -36,7 +36,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use conveyor_e2e::harness::{SseStream, Stack, StackOptions};
+use conveyor_e2e::harness::{Mode, SseStream, Stack, StackOptions};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::{
@@ -131,6 +131,8 @@ impl Args {
             fake_llm_args.extend(["--chunks".to_owned(), chunks.to_string()]);
         }
         StackOptions {
+            // It reads Postgres's counters and Redis's.
+            mode: Mode::Distributed,
             workers,
             worker_concurrency: self.worker_concurrency.max(users),
             fake_llm_args,

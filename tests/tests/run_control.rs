@@ -307,7 +307,7 @@ async fn a_run_whose_process_dies_right_after_a_cancel_ends_cancelled(
         .open_sse(&format!("/api/rae/runs/{run_id}/events"), Some(last))
         .await?;
     let tail = resumed
-        .collect_until_terminal(Duration::from_secs(60))
+        .collect_until_terminal(Duration::from_mins(1))
         .await?;
     let mut all = head;
     all.extend(tail);
