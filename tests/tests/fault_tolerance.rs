@@ -487,14 +487,14 @@ async fn a_crash_between_the_tools_commit_and_the_journal_write_creates_the_task
 
 /// Kills `conveyor dev` (SIGKILL) while `sse`, the client's stream of a turn, is open, starts
 /// it again on the same file and address, and resumes the run's stream with `Last-Event-ID`
-/// after the last event in `seen`, as a reconnecting client would. Returns every event: `seen`
-/// and the resumed rest up to the terminal one.
+/// after the last event in `seen`, as a reconnecting client would. Returns every event (`seen`
+/// and the resumed rest up to the terminal one) and the time from the kill to that end.
 async fn kill_restart_and_resume(
     stack: &mut Stack,
     user: &str,
     sse: SseStream,
     seen: Vec<SseEvent>,
-) -> anyhow::Result<Vec<SseEvent>> {
+) -> anyhow::Result<(Vec<SseEvent>, Duration)> {
     let run_id = seen[0].data["run_id"]
         .as_str()
         .context("run_id")?
@@ -511,10 +511,10 @@ async fn kill_restart_and_resume(
     let rest = resumed
         .collect_until_terminal(Duration::from_secs(90))
         .await?;
-    eprintln!("recovered after {:?}", killed_at.elapsed());
+    let recovered_after = killed_at.elapsed();
     let mut events = seen;
     events.extend(rest);
-    Ok(events)
+    Ok((events, recovered_after))
 }
 
 /// The run's history roles, oldest first.
@@ -585,7 +585,7 @@ async fn a_killed_dev_process_completes_the_answer_after_a_restart_and_the_resum
         .context("conversation_id")?
         .to_owned();
 
-    let events = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
+    let (events, recovered_after) = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
     assert_taken_over_once(&events);
     // The answer after the retry is whole: the text of the one final message.
     let retry = events
@@ -630,6 +630,11 @@ async fn a_killed_dev_process_completes_the_answer_after_a_restart_and_the_resum
     );
     // A client that reconnects once more, from the start, gets the same stream.
     assert_eq!(stack.run_events(USER, &run_id).await?, events);
+    println!(
+        "FAULT-MATRIX | conveyor dev kill -9 mid-answer, restarted on its file | runs=1 \
+         completed=1 failed=0 lost=0 duplicated_side_effects=0 | recovery={:.1}s",
+        recovered_after.as_secs_f64()
+    );
     Ok(())
 }
 
@@ -662,7 +667,7 @@ async fn a_killed_dev_process_does_not_repeat_a_tool_call_after_a_restart() -> a
         .await?;
     assert_eq!(journaled, 1);
 
-    let events = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
+    let (events, recovered_after) = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
     assert_taken_over_once(&events);
     let tasks: i64 = db
         .query("SELECT count(*) FROM tasks WHERE user_id = $1 AND title = 'buy milk'")
@@ -676,6 +681,11 @@ async fn a_killed_dev_process_does_not_repeat_a_tool_call_after_a_restart() -> a
         .scalar()
         .await?;
     assert_eq!(journaled, 1, "the call was not made again");
+    println!(
+        "FAULT-MATRIX | conveyor dev kill -9 mid-answer after its tool call, restarted on its \
+         file | runs=1 completed=1 failed=0 lost=0 duplicated_side_effects=0 | recovery={:.1}s",
+        recovered_after.as_secs_f64()
+    );
     assert_eq!(
         roles(&stack, USER, &conversation_id).await?,
         ["user", "assistant", "tool", "assistant"]
@@ -723,7 +733,7 @@ async fn runs_running_and_queued_when_the_dev_process_is_killed_complete_in_orde
         .await?;
     assert_eq!(run["status"], "queued", "waits behind the answering run");
 
-    let events = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
+    let (events, recovered_after) = kill_restart_and_resume(&mut stack, USER, sse, seen).await?;
     assert_taken_over_once(&events);
     let second_events = stack.run_events(USER, &second).await?;
     assert_gap_free(&second_events, 1);
@@ -772,6 +782,12 @@ async fn runs_running_and_queued_when_the_dev_process_is_killed_complete_in_orde
         roles.iter().filter(|r| *r == "assistant").count(),
         3,
         "one answer to the first turn, a tool call and an answer to the second: {roles:?}"
+    );
+    println!(
+        "FAULT-MATRIX | conveyor dev kill -9 with a run answering and one queued behind it, \
+         restarted on its file | runs=2 completed=2 failed=0 lost=0 duplicated_side_effects=0 \
+         | recovery={:.1}s (first run)",
+        recovered_after.as_secs_f64()
     );
     Ok(())
 }
