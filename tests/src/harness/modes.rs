@@ -13,11 +13,6 @@ pub enum Mode {
     Embedded,
 }
 
-impl Mode {
-    /// Both modes, distributed first.
-    pub const ALL: [Self; 2] = [Self::Distributed, Self::Embedded];
-}
-
 /// Runs a test body once per mode: for each `async fn name(mode: Mode) -> anyhow::Result<()>`
 /// named, two `#[tokio::test]`s, `name::distributed` and `name::embedded` (a module beside
 /// the function of the same name).
