@@ -1,6 +1,8 @@
-//! Authentication on every endpoint: a bearer token whose `sub` is the path's user.
+//! Authentication on every endpoint: a bearer token whose `sub` is the path's user, and no
+//! secret in the logs, in both modes.
 
-use conveyor_e2e::harness::{Stack, StackOptions};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, Stack, StackOptions};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 
@@ -23,16 +25,18 @@ fn token(secret: &str, claims: &Value) -> String {
     .unwrap()
 }
 
-#[tokio::test]
-async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions {
-        workers: 0,
-        env: vec![
-            ("JWT_SECRET".into(), SECRET.into()),
-            ("JWT_AUDIENCE".into(), "conveyor".into()),
-        ],
-        ..StackOptions::default()
-    })
+both_modes!(every_endpoint_needs_a_token_for_the_paths_user);
+async fn every_endpoint_needs_a_token_for_the_paths_user(mode: Mode) -> anyhow::Result<()> {
+    let stack = Stack::start(
+        StackOptions {
+            env: vec![
+                ("JWT_SECRET".into(), SECRET.into()),
+                ("JWT_AUDIENCE".into(), "conveyor".into()),
+            ],
+            ..StackOptions::in_mode(mode)
+        }
+        .with_unfinished_runs(),
+    )
     .await?;
     let valid = token(
         SECRET,
@@ -163,13 +167,14 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
     }
     // Nothing was written by the refused requests: still the chat turn's and the batch line's
     // run and conversation, and the batch still running.
-    let db = stack.db.pool().await?;
-    let counts: (i64, i64, String) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM conversations),
+    let db = stack.sql().await?;
+    let counts: (i64, i64, String) = db
+        .query(
+            "SELECT (SELECT count(*) FROM runs), (SELECT count(*) FROM conversations),
                 (SELECT status FROM batches)",
-    )
-    .fetch_one(&db)
-    .await?;
+        )
+        .row()
+        .await?;
     assert_eq!(counts, (2, 2, "in_progress".to_owned()));
 
     // The valid token passes on every endpoint (DELETE last).
@@ -193,8 +198,8 @@ async fn every_endpoint_needs_a_token_for_the_paths_user() -> anyhow::Result<()>
     Ok(())
 }
 
-#[tokio::test]
-async fn secrets_tokens_and_message_bodies_stay_out_of_the_logs() -> anyhow::Result<()> {
+both_modes!(secrets_tokens_and_message_bodies_stay_out_of_the_logs);
+async fn secrets_tokens_and_message_bodies_stay_out_of_the_logs(mode: Mode) -> anyhow::Result<()> {
     let log = std::env::temp_dir().join(format!("conveyor-e2e-{}.log", ulid::Ulid::new()));
     let stack = Stack::start(StackOptions {
         env: vec![
@@ -202,7 +207,7 @@ async fn secrets_tokens_and_message_bodies_stay_out_of_the_logs() -> anyhow::Res
             ("RUST_LOG".into(), "info".into()),
         ],
         log_file: Some(log.clone()),
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     let valid = token(SECRET, &json!({"sub": "lena", "exp": now() + 300}));

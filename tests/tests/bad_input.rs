@@ -1,8 +1,9 @@
 //! A corpus of bad input over every endpoint — hand-written cases plus generated ones from a
 //! seeded generator — must each get a 4xx JSON error (never a 5xx or a panic), leave nothing
-//! written, and leave the service healthy.
+//! written, and leave the service healthy, in both modes.
 
-use conveyor_e2e::harness::{Stack, StackOptions};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, Stack, StackOptions};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -278,12 +279,12 @@ fn hand_written() -> Vec<Case> {
     cases
 }
 
-#[tokio::test]
-async fn every_bad_request_gets_a_json_4xx_and_writes_nothing() -> anyhow::Result<()> {
+both_modes!(every_bad_request_gets_a_json_4xx_and_writes_nothing);
+async fn every_bad_request_gets_a_json_4xx_and_writes_nothing(mode: Mode) -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         workers: 0,
         env: vec![("RATE_LIMIT_PER_MINUTE".into(), "0".into())],
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     let mut rng = fastrand::Rng::with_seed(0x00c0_ffee);
@@ -353,9 +354,8 @@ async fn every_bad_request_gets_a_json_4xx_and_writes_nothing() -> anyhow::Resul
         println!("BAD-INPUT | {class} | {count} | {statuses:?}");
     }
 
-    let db = stack.db.pool().await?;
-    let written: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations) + (SELECT count(*) FROM batches)")
-        .fetch_one(&db)
+    let db = stack.sql().await?;
+    let written: i64 = db.query("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations) + (SELECT count(*) FROM batches)").scalar()
         .await?;
     assert_eq!(written, 0, "refused requests write nothing");
     assert_eq!(stack.get_json("/readyz").await?.0, 200, "still healthy");

@@ -1,9 +1,11 @@
 //! The durable chat pipeline end to end: API → queue → worker agent loop → resumable SSE,
-//! with the real binaries (API, two workers, fake LLM) on the machine's Postgres and Redis.
+//! with the real binaries and the fake LLM, in both modes: the API and two workers on the
+//! machine's Postgres and Redis, and `conveyor dev` on a SQLite file.
 
 use std::time::Duration;
 
-use conveyor_e2e::harness::{SseEvent, Stack, StackOptions, assert_gap_free, eventually};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, SseEvent, Stack, StackOptions, assert_gap_free, eventually};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -24,10 +26,11 @@ fn shape(events: &[SseEvent]) -> Vec<&str> {
     out
 }
 
-#[tokio::test]
-async fn add_buy_milk_streams_a_tool_call_and_an_answer_and_stores_the_history()
--> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(add_buy_milk_streams_a_tool_call_and_an_answer_and_stores_the_history);
+async fn add_buy_milk_streams_a_tool_call_and_an_answer_and_stores_the_history(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let response = stack
         .http
         .post(stack.url("/api/alice/chat"))
@@ -100,11 +103,11 @@ async fn add_buy_milk_streams_a_tool_call_and_an_answer_and_stores_the_history()
     assert_eq!(done.data["message_id"], completed.data["message_id"]);
 
     // Exactly one task for alice per turn (two turns were sent), none for anyone else.
-    let db = stack.db.pool().await?;
-    let titles: Vec<(String, String)> =
-        sqlx::query_as("SELECT user_id, title FROM tasks ORDER BY id")
-            .fetch_all(&db)
-            .await?;
+    let db = stack.sql().await?;
+    let titles: Vec<(String, String)> = db
+        .query("SELECT user_id, title FROM tasks ORDER BY id")
+        .rows()
+        .await?;
     assert_eq!(
         titles,
         [
@@ -147,12 +150,13 @@ async fn add_buy_milk_streams_a_tool_call_and_an_answer_and_stores_the_history()
     Ok(())
 }
 
-#[tokio::test]
-async fn a_stream_resumes_after_a_disconnect_a_reload_and_after_the_run_ended() -> anyhow::Result<()>
-{
+both_modes!(a_stream_resumes_after_a_disconnect_a_reload_and_after_the_run_ended);
+async fn a_stream_resumes_after_a_disconnect_a_reload_and_after_the_run_ended(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         env: vec![("EVENT_STREAM_TTL_SECS".into(), "2".into())],
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     // A slow answer: 30 chunks, 30 ms apart.
@@ -240,20 +244,53 @@ async fn a_stream_resumes_after_a_disconnect_a_reload_and_after_the_run_ended() 
         "no active run"
     );
 
-    // After the replay buffer expired: rebuilt from Postgres without the deltas, at the
+    // After the replay buffer expired: rebuilt from the database without the deltas, at the
     // original seqs and with the original data.
-    let stream_key = format!("{}:run:{run_id}:events", stack.redis_prefix);
-    let redis = redis::Client::open(conveyor_e2e::harness::redis_url())?;
-    eventually(Duration::from_secs(10), || {
-        let redis = redis.clone();
-        let key = stream_key.clone();
-        async move {
-            let mut conn = redis.get_multiplexed_async_connection().await?;
-            let exists: bool = redis::AsyncCommands::exists(&mut conn, &key).await?;
-            Ok((!exists).then_some(()))
+    match mode {
+        Mode::Distributed => {
+            let stream_key = format!("{}:run:{run_id}:events", stack.redis_prefix);
+            let redis = redis::Client::open(conveyor_e2e::harness::redis_url())?;
+            eventually(Duration::from_secs(10), || {
+                let redis = redis.clone();
+                let key = stream_key.clone();
+                async move {
+                    let mut conn = redis.get_multiplexed_async_connection().await?;
+                    let exists: bool = redis::AsyncCommands::exists(&mut conn, &key).await?;
+                    Ok((!exists).then_some(()))
+                }
+            })
+            .await?;
         }
-    })
-    .await?;
+        Mode::Embedded => {
+            // The buffer is the file's `event_buffer` table, whose expired rows the bus deletes
+            // after a terminal event at most once a minute: once this run's rows have expired,
+            // the test deletes them as that sweep would.
+            let db = stack.sql().await?;
+            eventually(Duration::from_secs(10), || async {
+                let live: i64 = db
+                    .query(
+                        "SELECT count(*) FROM event_buffer WHERE run_id = $1 \
+                         AND (expires_at IS NULL \
+                              OR expires_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                    )
+                    .bind(&run_id)
+                    .scalar()
+                    .await?;
+                Ok((live == 0).then_some(()))
+            })
+            .await?;
+            let deleted = db
+                .query("DELETE FROM event_buffer WHERE run_id = $1")
+                .bind(&run_id)
+                .execute()
+                .await?;
+            assert_eq!(
+                deleted,
+                u64::try_from(whole.len())?,
+                "the run's buffered events"
+            );
+        }
+    }
     let rebuilt = stack.run_events("bob", &run_id).await?;
     let durable: Vec<SseEvent> = whole
         .iter()
@@ -273,10 +310,11 @@ async fn a_stream_resumes_after_a_disconnect_a_reload_and_after_the_run_ended() 
     Ok(())
 }
 
-#[tokio::test]
-async fn an_idempotency_key_gives_one_run_and_a_busy_conversation_answers_409() -> anyhow::Result<()>
-{
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(an_idempotency_key_gives_one_run_and_a_busy_conversation_answers_409);
+async fn an_idempotency_key_gives_one_run_and_a_busy_conversation_answers_409(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let send = |key: &'static str, body: Value| {
         let request = stack
             .http
@@ -313,15 +351,13 @@ async fn an_idempotency_key_gives_one_run_and_a_busy_conversation_answers_409() 
 
     let events = stack.run_events("carol", run_id).await?;
     assert_eq!(events.last().unwrap().event, "run.completed");
-    let db = stack.db.pool().await?;
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
-        .fetch_one(&db)
-        .await?;
+    let db = stack.sql().await?;
+    let runs: i64 = db.query("SELECT count(*) FROM runs").scalar().await?;
     assert_eq!(runs, 1, "one run for the key, none for the refused turn");
-    let user_messages: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM messages WHERE role = 'user'")
-            .fetch_one(&db)
-            .await?;
+    let user_messages: i64 = db
+        .query("SELECT count(*) FROM messages WHERE role = 'user'")
+        .scalar()
+        .await?;
     assert_eq!(user_messages, 1);
 
     // Once it finished, the conversation takes the next turn.
@@ -344,10 +380,11 @@ async fn an_idempotency_key_gives_one_run_and_a_busy_conversation_answers_409() 
     Ok(())
 }
 
-#[tokio::test]
-async fn fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation()
--> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation);
+async fn fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let turns = (0..50).map(|i| {
         let user = format!("user{}", i % 10);
         let stack = &stack;
@@ -368,7 +405,7 @@ async fn fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation
         }
     });
     let results = futures::future::try_join_all(turns).await?;
-    let db = stack.db.pool().await?;
+    let db = stack.sql().await?;
     for (user, run_id, conversation_id, events) in &results {
         assert_gap_free(events, 1);
         assert_eq!(
@@ -422,11 +459,11 @@ async fn fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation
     }
     for u in 0..10 {
         let user = format!("user{u}");
-        let mut titles: Vec<String> =
-            sqlx::query_scalar("SELECT title FROM tasks WHERE user_id = $1")
-                .bind(&user)
-                .fetch_all(&db)
-                .await?;
+        let mut titles: Vec<String> = db
+            .query("SELECT title FROM tasks WHERE user_id = $1")
+            .bind(&user)
+            .scalars()
+            .await?;
         titles.sort();
         let mut expected: Vec<String> = (0..50)
             .filter(|i| i % 10 == u)
@@ -438,11 +475,11 @@ async fn fifty_concurrent_conversations_from_ten_users_all_complete_in_isolation
     Ok(())
 }
 
-#[tokio::test]
-async fn bad_requests_get_json_errors_naming_the_field() -> anyhow::Result<()> {
+both_modes!(bad_requests_get_json_errors_naming_the_field);
+async fn bad_requests_get_json_errors_naming_the_field(mode: Mode) -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         workers: 0,
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     let post = |path: &str, body: &'static str| {
@@ -513,17 +550,16 @@ async fn bad_requests_get_json_errors_naming_the_field() -> anyhow::Result<()> {
         .await?;
     assert_eq!(response.status(), 422);
     // Nothing was written for any of them.
-    let db = stack.db.pool().await?;
-    let rows: i64 = sqlx::query_scalar("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations)")
-        .fetch_one(&db)
+    let db = stack.sql().await?;
+    let rows: i64 = db.query("SELECT (SELECT count(*) FROM runs) + (SELECT count(*) FROM messages) + (SELECT count(*) FROM conversations)").scalar()
         .await?;
     assert_eq!(rows, 0);
     Ok(())
 }
 
-#[tokio::test]
-async fn a_user_id_from_the_model_is_overridden_by_the_runs_user() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(a_user_id_from_the_model_is_overridden_by_the_runs_user);
+async fn a_user_id_from_the_model_is_overridden_by_the_runs_user(mode: Mode) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let (_, accepted) = stack
         .post_chat("judy", json!({"message": "add steal [[user_id=mallory]]"}))
         .await?;
@@ -539,10 +575,8 @@ async fn a_user_id_from_the_model_is_overridden_by_the_runs_user() -> anyhow::Re
         "the model did try"
     );
     assert_eq!(events.last().unwrap().event, "run.completed");
-    let db = stack.db.pool().await?;
-    let owners: Vec<(String, String)> = sqlx::query_as("SELECT user_id, title FROM tasks")
-        .fetch_all(&db)
-        .await?;
+    let db = stack.sql().await?;
+    let owners: Vec<(String, String)> = db.query("SELECT user_id, title FROM tasks").rows().await?;
     assert_eq!(owners, [("judy".to_owned(), "steal".to_owned())]);
     Ok(())
 }

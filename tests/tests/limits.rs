@@ -1,23 +1,25 @@
-//! Per-user limits: request rate and unfinished runs.
+//! Per-user limits: request rate and unfinished runs, in both modes (and across API replicas,
+//! which only the distributed mode has).
 
-use conveyor_e2e::harness::{Stack, StackOptions};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, Stack, StackOptions};
 use serde_json::json;
 
-/// No workers (runs stay unfinished), 6 requests a minute and 2 unfinished runs per user.
-fn limited() -> StackOptions {
+/// Runs stay unfinished, 6 requests a minute and 2 unfinished runs per user.
+fn limited(mode: Mode) -> StackOptions {
     StackOptions {
-        workers: 0,
         env: vec![
             ("RATE_LIMIT_PER_MINUTE".into(), "6".into()),
             ("MAX_ACTIVE_RUNS_PER_USER".into(), "2".into()),
         ],
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     }
+    .with_unfinished_runs()
 }
 
-#[tokio::test]
-async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<()> {
-    let stack = Stack::start(limited()).await?;
+both_modes!(request_rate_and_active_runs_are_limited_per_user);
+async fn request_rate_and_active_runs_are_limited_per_user(mode: Mode) -> anyhow::Result<()> {
+    let stack = Stack::start(limited(mode)).await?;
     // Two runs stay queued (no worker); the third is refused and nothing is written for it.
     assert_eq!(
         stack.post_chat("mia", json!({"message": "one"})).await?.0,
@@ -38,9 +40,10 @@ async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<(
     assert!(response.headers().get("retry-after").is_some());
     let body: serde_json::Value = response.json().await?;
     assert_eq!(body["error"]["code"], "rate_limited");
-    let db = stack.db.pool().await?;
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE user_id = 'mia'")
-        .fetch_one(&db)
+    let db = stack.sql().await?;
+    let runs: i64 = db
+        .query("SELECT count(*) FROM runs WHERE user_id = 'mia'")
+        .scalar()
         .await?;
     assert_eq!(runs, 2);
     // Another user is not affected.
@@ -65,9 +68,10 @@ async fn request_rate_and_active_runs_are_limited_per_user() -> anyhow::Result<(
     Ok(())
 }
 
+// Distributed only: the embedded mode is one process, with no replica to share limits with.
 #[tokio::test]
 async fn limits_hold_across_two_api_replicas_sharing_redis_and_postgres() -> anyhow::Result<()> {
-    let mut stack = Stack::start(limited()).await?;
+    let mut stack = Stack::start(limited(Mode::Distributed)).await?;
     let second = stack.add_api().await?;
     let apis = [stack.api_url.clone(), second];
     let post = |api: &str, message: &str| {
@@ -87,9 +91,10 @@ async fn limits_hold_across_two_api_replicas_sharing_redis_and_postgres() -> any
         let body: serde_json::Value = refused.json().await?;
         assert_eq!(body["error"]["code"], "rate_limited");
     }
-    let db = stack.db.pool().await?;
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs WHERE user_id = 'mia'")
-        .fetch_one(&db)
+    let db = stack.sql().await?;
+    let runs: i64 = db
+        .query("SELECT count(*) FROM runs WHERE user_id = 'mia'")
+        .scalar()
         .await?;
     assert_eq!(runs, 2, "nothing written for the refused turns");
 

@@ -1,8 +1,10 @@
-//! Run control: cancel (queued and running), and the `multitask` modes of a busy conversation.
+//! Run control: cancel (queued and running), and the `multitask` modes of a busy conversation,
+//! in both modes.
 
 use std::time::Duration;
 
-use conveyor_e2e::harness::{Stack, StackOptions, assert_gap_free, eventually};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, Stack, StackOptions, assert_gap_free, eventually};
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -23,9 +25,11 @@ fn timestamp(run: &Value, field: &str) -> chrono::DateTime<chrono::Utc> {
         .unwrap_or_else(|| panic!("{field} in {run}"))
 }
 
-#[tokio::test]
-async fn cancelling_a_running_run_stops_it_and_keeps_the_partial_answer() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(cancelling_a_running_run_stops_it_and_keeps_the_partial_answer);
+async fn cancelling_a_running_run_stops_it_and_keeps_the_partial_answer(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let (_, accepted) = stack
         .post_chat(
             "erin",
@@ -86,13 +90,39 @@ async fn cancelling_a_running_run_stops_it_and_keeps_the_partial_answer() -> any
     Ok(())
 }
 
-#[tokio::test]
-async fn a_queued_run_is_cancelled_at_once_and_never_starts() -> anyhow::Result<()> {
-    let mut stack = Stack::start(StackOptions {
-        workers: 0,
-        ..StackOptions::default()
+both_modes!(a_queued_run_is_cancelled_at_once_and_never_starts);
+async fn a_queued_run_is_cancelled_at_once_and_never_starts(mode: Mode) -> anyhow::Result<()> {
+    // A run stays queued while no worker can take it: with no worker process (distributed), or
+    // while the embedded process's only slot holds another conversation's turn that waits for
+    // a model that does not answer.
+    let mut stack = Stack::start(match mode {
+        Mode::Distributed => StackOptions {
+            workers: 0,
+            ..StackOptions::in_mode(mode)
+        },
+        Mode::Embedded => StackOptions {
+            worker_concurrency: 1,
+            ..StackOptions::in_mode(mode)
+        },
     })
     .await?;
+    let blocker = match mode {
+        Mode::Distributed => None,
+        Mode::Embedded => {
+            let (_, blocker) = stack
+                .post_chat("blocker", json!({"message": "wait [[ttft_ms=600000]]"}))
+                .await?;
+            let blocker = blocker["run_id"].as_str().unwrap().to_owned();
+            eventually(TIMEOUT, || async {
+                let (_, run) = stack
+                    .get_json(&format!("/api/blocker/runs/{blocker}"))
+                    .await?;
+                Ok((run["status"] == "running").then_some(()))
+            })
+            .await?;
+            Some(blocker)
+        }
+    };
     let (_, accepted) = stack
         .post_chat("frank", json!({"message": "add never"}))
         .await?;
@@ -104,18 +134,24 @@ async fn a_queued_run_is_cancelled_at_once_and_never_starts() -> anyhow::Result<
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
     assert_eq!(kinds, ["run.queued", "run.cancelled"]);
     assert_gap_free(&events, 1);
-    // A worker that arrives later does not run it.
-    stack.add_worker()?;
+    // A worker that arrives later does not run it (embedded: the slot that frees up takes the
+    // cancelled run's job, still in the queue, next).
+    match blocker {
+        None => stack.add_worker()?,
+        Some(blocker) => {
+            assert_eq!(post_cancel(&stack, "blocker", &blocker).await?.0, 202);
+            let events = stack.run_events("blocker", &blocker).await?;
+            assert_eq!(events.last().unwrap().event, "run.cancelled");
+        }
+    }
     let (_, probe) = stack
         .post_chat("frank", json!({"message": "add probe"}))
         .await?;
     stack
         .run_events("frank", probe["run_id"].as_str().unwrap())
         .await?;
-    let db = stack.db.pool().await?;
-    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM tasks")
-        .fetch_all(&db)
-        .await?;
+    let db = stack.sql().await?;
+    let titles: Vec<String> = db.query("SELECT title FROM tasks").scalars().await?;
     assert_eq!(titles, ["probe"]);
     assert_eq!(
         stack
@@ -127,9 +163,9 @@ async fn a_queued_run_is_cancelled_at_once_and_never_starts() -> anyhow::Result<
     Ok(())
 }
 
-#[tokio::test]
-async fn closing_the_stream_does_not_cancel_the_run() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(closing_the_stream_does_not_cancel_the_run);
+async fn closing_the_stream_does_not_cancel_the_run(mode: Mode) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let mut sse = conveyor_e2e::harness::SseStream::open(
         stack
             .http
@@ -145,9 +181,12 @@ async fn closing_the_stream_does_not_cancel_the_run() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn enqueued_turns_of_a_conversation_run_in_order_across_two_workers() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+// Distributed: across two worker processes; embedded: across the process's worker slots.
+both_modes!(enqueued_turns_of_a_conversation_run_in_order_across_workers);
+async fn enqueued_turns_of_a_conversation_run_in_order_across_workers(
+    mode: Mode,
+) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let (_, first) = stack
         .post_chat("hank", json!({"message": "add first [[ttft_ms=300]]"}))
         .await?;
@@ -181,17 +220,18 @@ async fn enqueued_turns_of_a_conversation_run_in_order_across_two_workers() -> a
         }
         previous_end = Some(timestamp(&run, "finished_at"));
     }
-    let db = stack.db.pool().await?;
-    let titles: Vec<String> = sqlx::query_scalar("SELECT title FROM tasks ORDER BY id")
-        .fetch_all(&db)
+    let db = stack.sql().await?;
+    let titles: Vec<String> = db
+        .query("SELECT title FROM tasks ORDER BY id")
+        .scalars()
         .await?;
     assert_eq!(titles, ["first", "second", "third", "fourth"]);
     Ok(())
 }
 
-#[tokio::test]
-async fn interrupt_cancels_the_active_run_then_runs_the_new_one() -> anyhow::Result<()> {
-    let stack = Stack::start(StackOptions::default()).await?;
+both_modes!(interrupt_cancels_the_active_run_then_runs_the_new_one);
+async fn interrupt_cancels_the_active_run_then_runs_the_new_one(mode: Mode) -> anyhow::Result<()> {
+    let stack = Stack::start(StackOptions::in_mode(mode)).await?;
     let (_, slow) = stack
         .post_chat(
             "ivy",

@@ -1,16 +1,19 @@
-//! Transport hygiene: request ids, security headers and the CORS allow-list.
+//! Transport hygiene: request ids, security headers, the CORS allow-list and the request body
+//! timeout, in both modes.
 
-use conveyor_e2e::harness::{Stack, StackOptions};
+use conveyor_e2e::both_modes;
+use conveyor_e2e::harness::{Mode, Stack, StackOptions};
 
 const ALLOWED: &str = "https://app.example";
 
-#[tokio::test]
-async fn responses_carry_request_ids_security_headers_and_only_allowed_cors() -> anyhow::Result<()>
-{
+both_modes!(responses_carry_request_ids_security_headers_and_only_allowed_cors);
+async fn responses_carry_request_ids_security_headers_and_only_allowed_cors(
+    mode: Mode,
+) -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         workers: 0,
         env: vec![("CORS_ALLOWED_ORIGINS".into(), ALLOWED.into())],
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
 
@@ -86,11 +89,11 @@ async fn responses_carry_request_ids_security_headers_and_only_allowed_cors() ->
     Ok(())
 }
 
-#[tokio::test]
-async fn without_an_allow_list_no_origin_is_allowed() -> anyhow::Result<()> {
+both_modes!(without_an_allow_list_no_origin_is_allowed);
+async fn without_an_allow_list_no_origin_is_allowed(mode: Mode) -> anyhow::Result<()> {
     let stack = Stack::start(StackOptions {
         workers: 0,
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     let response = stack
@@ -109,14 +112,15 @@ async fn without_an_allow_list_no_origin_is_allowed() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_client_too_slow_to_send_its_body_is_answered_and_nothing_is_written()
--> anyhow::Result<()> {
+both_modes!(a_client_too_slow_to_send_its_body_is_answered_and_nothing_is_written);
+async fn a_client_too_slow_to_send_its_body_is_answered_and_nothing_is_written(
+    mode: Mode,
+) -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let stack = Stack::start(StackOptions {
         workers: 0,
         env: vec![("REQUEST_BODY_TIMEOUT_SECS".into(), "1".into())],
-        ..StackOptions::default()
+        ..StackOptions::in_mode(mode)
     })
     .await?;
     let addr = stack.api_url.trim_start_matches("http://");
@@ -139,10 +143,8 @@ async fn a_client_too_slow_to_send_its_body_is_answered_and_nothing_is_written()
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains(r#""code":"bad_request""#), "{answer}");
     assert!(answer.contains("not received within"), "{answer}");
-    let db = stack.db.pool().await?;
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM runs")
-        .fetch_one(&db)
-        .await?;
+    let db = stack.sql().await?;
+    let runs: i64 = db.query("SELECT count(*) FROM runs").scalar().await?;
     assert_eq!(runs, 0);
     Ok(())
 }

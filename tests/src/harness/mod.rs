@@ -2,12 +2,20 @@
 //! the machine's Postgres and Redis, isolated per test: a fresh database and a fresh Redis key
 //! prefix. Everything is stopped (and the database dropped) when the [`Stack`] is dropped.
 //!
+//! A stack runs in one of two [`Mode`]s: distributed (the above) or embedded, one
+//! `conveyor dev` process on a fresh SQLite file beside the same fake LLM, which the test may
+//! kill and start again on the same file ([`Stack::kill_embedded`],
+//! [`Stack::restart_embedded`]). [`both_modes!`](crate::both_modes) runs one test body in
+//! each; [`Stack::sql`] reads either database.
+//!
 //! For outage tests a stack can instead get a Redis of its own ([`RedisMode::Private`], a
 //! `redis-server` the test may kill and restart) and reach Postgres through a proxy that can
 //! cut every connection ([`Backends::postgres_proxy`]); faults are only ever injected there,
 //! never into the machine's shared services.
 
+mod db;
 mod metrics;
+mod modes;
 mod pg_proxy;
 mod private_redis;
 mod sse;
@@ -26,7 +34,9 @@ use tokio::{
     process::{Child, Command},
 };
 
+pub use db::{Bind, Column, Row, TestDb, TestPool, TestQuery};
 pub use metrics::Scrape;
+pub use modes::Mode;
 pub use pg_proxy::PgProxy;
 pub use private_redis::PrivateRedis;
 pub use sse::{SseEvent, SseStream, assert_gap_free};
@@ -71,82 +81,19 @@ fn free_addr() -> SocketAddr {
     listener.local_addr().expect("local addr")
 }
 
-/// A fresh database, dropped with the value.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn create(prefix: &str) -> anyhow::Result<Self> {
-        let name = format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase());
-        let admin = admin_database_url();
-        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await?;
-        // The database is the URL's path; its query (e.g. `?host=/var/run/postgresql` for the
-        // Unix socket) applies to the new database too.
-        let (location, query) = admin
-            .split_once('?')
-            .map_or((admin.as_str(), ""), |(location, query)| (location, query));
-        let base = location.rsplit_once('/').map_or(location, |(base, _)| base);
-        let query = if query.is_empty() {
-            String::new()
-        } else {
-            format!("?{query}")
-        };
-        Ok(Self {
-            url: format!("{base}/{name}{query}"),
-            name,
-        })
-    }
-
-    pub async fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
-        Ok(sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&self.url)
-            .await?)
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let admin = admin_database_url();
-        // Dropping needs async I/O; a short-lived thread with its own runtime does it even while
-        // the test's runtime is shutting down.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(mut conn) =
-                    <sqlx::PgConnection as sqlx::Connection>::connect(&admin).await
-                {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                    )))
-                    .execute(&mut conn)
-                    .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
 /// How to start a stack.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
+    /// Distributed processes on Postgres and Redis, or one embedded process on SQLite.
+    pub mode: Mode,
+    /// Worker processes (distributed mode). The embedded mode's worker pool is part of its one
+    /// process; there this is not used (see [`Self::with_unfinished_runs`]).
     pub workers: usize,
+    /// Runs in flight per worker process, or in the embedded process (`--concurrency`).
     pub worker_concurrency: usize,
     /// Extra flags for the fake LLM (e.g. `--ttft-ms 50`).
     pub fake_llm_args: Vec<String>,
-    /// Extra environment for the API and workers.
+    /// Extra environment for the API and workers, or the embedded process.
     pub env: Vec<(String, String)>,
     /// Discard the services' logs (unless `CONVEYOR_TEST_LOGS` is set).
     pub quiet: bool,
@@ -157,6 +104,7 @@ pub struct StackOptions {
 impl Default for StackOptions {
     fn default() -> Self {
         Self {
+            mode: Mode::default(),
             workers: 2,
             worker_concurrency: 8,
             fake_llm_args: Vec::new(),
@@ -164,6 +112,31 @@ impl Default for StackOptions {
             quiet: std::env::var_os("CONVEYOR_TEST_LOGS").is_none(),
             log_file: None,
         }
+    }
+}
+
+impl StackOptions {
+    /// The default options in `mode`.
+    pub fn in_mode(mode: Mode) -> Self {
+        Self {
+            mode,
+            ..Self::default()
+        }
+    }
+
+    /// Turns are accepted but no run ever finishes, for tests of what the API does with
+    /// unfinished runs: no worker process in distributed mode (runs stay `queued`); in
+    /// embedded mode, whose worker pool cannot be left out, a model that never answers (runs
+    /// stay `running`).
+    #[must_use]
+    pub fn with_unfinished_runs(mut self) -> Self {
+        match self.mode {
+            Mode::Distributed => self.workers = 0,
+            Mode::Embedded => self
+                .fake_llm_args
+                .extend(["--ttft-ms".to_owned(), "3600000".to_owned()]),
+        }
+        self
     }
 }
 
@@ -203,7 +176,9 @@ pub struct Stack {
     /// The Redis and Postgres URLs the services were given.
     services_redis_url: String,
     services_database_url: String,
+    /// The API process, or in embedded mode the `conveyor dev` process.
     api: Child,
+    api_addr: SocketAddr,
     /// More API replicas on the same backends ([`Stack::add_api`]).
     more_apis: Vec<Child>,
     workers: Vec<Child>,
@@ -221,6 +196,13 @@ impl Stack {
 
     /// A stack whose services reach Redis and Postgres as `backends` says.
     pub async fn start_with(options: StackOptions, backends: Backends) -> anyhow::Result<Self> {
+        if options.mode == Mode::Embedded {
+            anyhow::ensure!(
+                backends == Backends::default(),
+                "the embedded mode has no Redis or Postgres to reach differently: {backends:?}"
+            );
+            return Self::start_embedded(options).await;
+        }
         let db = TestDb::create("conveyor_e2e").await?;
         let redis_prefix = format!("test:{}", ulid::Ulid::new().to_string().to_lowercase());
         let redis_server = match backends.redis {
@@ -247,31 +229,12 @@ impl Stack {
             redis_prefix: &redis_prefix,
         };
 
-        let mut fake = Command::new(binary("fake-llm"));
-        fake.args(["--addr", "127.0.0.1:0"])
-            .args(&options.fake_llm_args)
-            .stdout(Stdio::piped())
-            .kill_on_drop(true);
-        if options.quiet {
-            fake.stderr(Stdio::null());
-        }
-        let mut fake_llm = fake.spawn().context("spawn fake-llm")?;
-        let stdout = fake_llm.stdout.take().context("fake-llm stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .context("fake-llm did not start")??
-            .unwrap_or_default();
-        let llm_addr = first
-            .strip_prefix("listening on ")
-            .context("fake-llm's first line")?
-            .trim()
-            .to_owned();
-        let llm_url = format!("http://{llm_addr}/v1");
+        let (fake_llm, llm_url) = start_fake_llm(&options).await?;
 
         let api_addr = free_addr();
         let mut stack = Self {
             api: spawn_api(&options, &services, api_addr)?,
+            api_addr,
             more_apis: Vec::new(),
             workers: Vec::new(),
             worker_metrics_urls: Vec::new(),
@@ -296,6 +259,124 @@ impl Stack {
         Ok(stack)
     }
 
+    /// One `conveyor dev` process on a fresh SQLite file, with the fake LLM.
+    async fn start_embedded(options: StackOptions) -> anyhow::Result<Self> {
+        let db = TestDb::create_file("conveyor-e2e")?;
+        let (fake_llm, llm_url) = start_fake_llm(&options).await?;
+        let api_addr = free_addr();
+        let mut stack = Self {
+            api: spawn_embedded(&options, &db, api_addr, &llm_url)?,
+            api_addr,
+            more_apis: Vec::new(),
+            workers: Vec::new(),
+            worker_metrics_urls: Vec::new(),
+            fake_llm,
+            db,
+            // Nothing is stored under it; kept so that the field means the same in both modes.
+            redis_prefix: String::new(),
+            redis_server: None,
+            postgres_proxy: None,
+            services_redis_url: String::new(),
+            services_database_url: String::new(),
+            api_url: format!("http://{api_addr}"),
+            llm_url,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_mins(1))
+                .build()?,
+            options,
+        };
+        stack.wait_embedded_ready().await?;
+        Ok(stack)
+    }
+
+    /// The mode the stack runs in.
+    pub fn mode(&self) -> Mode {
+        self.options.mode
+    }
+
+    /// Fails, naming `what`, unless the stack is distributed: the helpers for worker
+    /// processes, API replicas, Redis and Postgres have nothing to act on in embedded mode.
+    fn distributed_only(&self, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.options.mode == Mode::Distributed,
+            "{what} needs a distributed stack: the embedded mode is one process on a SQLite \
+             file, with no worker processes, Redis or Postgres of its own"
+        );
+        Ok(())
+    }
+
+    fn embedded_only(&self, what: &str) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.options.mode == Mode::Embedded,
+            "{what} needs an embedded stack (StackOptions::mode = Mode::Embedded)"
+        );
+        Ok(())
+    }
+
+    /// The test's view of the stack's database, Postgres or SQLite (see [`TestPool`]).
+    pub async fn sql(&self) -> anyhow::Result<TestPool> {
+        self.db.sql().await
+    }
+
+    /// Kills the `conveyor dev` process with SIGKILL (no cleanup, like a crash) and waits
+    /// until it is gone. Its SQLite file stays for [`Self::restart_embedded`].
+    pub async fn kill_embedded(&mut self) -> anyhow::Result<()> {
+        self.embedded_only("kill_embedded")?;
+        self.api.kill().await?;
+        Ok(())
+    }
+
+    /// How the `conveyor dev` process ended (a staged crash, say), or `None` while it runs.
+    pub fn embedded_exit_status(&mut self) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        self.embedded_only("embedded_exit_status")?;
+        Ok(self.api.try_wait()?)
+    }
+
+    /// Starts `conveyor dev` again on the same file and address once the last process has
+    /// ended ([`Self::kill_embedded`], or a crash), and waits until it is ready.
+    pub async fn restart_embedded(&mut self) -> anyhow::Result<()> {
+        self.restart_embedded_with(|_| {}).await
+    }
+
+    /// [`Self::restart_embedded`] with the options changed first (to drop a fault injection
+    /// from the environment, say); the change stays for later restarts.
+    pub async fn restart_embedded_with(
+        &mut self,
+        change: impl FnOnce(&mut StackOptions),
+    ) -> anyhow::Result<()> {
+        self.embedded_only("restart_embedded")?;
+        anyhow::ensure!(
+            self.api.try_wait()?.is_some(),
+            "conveyor dev is still running: kill_embedded first"
+        );
+        change(&mut self.options);
+        self.api = spawn_embedded(&self.options, &self.db, self.api_addr, &self.llm_url)?;
+        self.wait_embedded_ready().await
+    }
+
+    /// Waits until `conveyor dev` answers `/readyz`. If it exits first (its address was not
+    /// free yet after a kill, say), it is started again until the deadline.
+    async fn wait_embedded_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = self.http.get(self.url("/readyz")).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(status) = self.api.try_wait()? {
+                if Instant::now() > deadline {
+                    bail!("conveyor dev exited before it was ready: {status}");
+                }
+                self.api = spawn_embedded(&self.options, &self.db, self.api_addr, &self.llm_url)?;
+            }
+            if Instant::now() > deadline {
+                bail!("conveyor dev at {} did not become ready", self.api_url);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Where this stack's services find Postgres and Redis.
     fn services(&self) -> Services<'_> {
         Services {
@@ -310,7 +391,13 @@ impl Stack {
     }
 
     /// The Redis URL the services use (the private server's, or the machine's).
+    ///
+    /// # Panics
+    /// In embedded mode, which has no Redis.
     pub fn redis_url(&self) -> &str {
+        if let Err(error) = self.distributed_only("redis_url") {
+            panic!("{error}");
+        }
         &self.services_redis_url
     }
 
@@ -322,6 +409,7 @@ impl Stack {
     /// Starts one more worker process with `env` on top of the stack's environment (a fault
     /// injection for this worker only, say); returns its index.
     pub fn add_worker_with_env(&mut self, env: &[(&str, &str)]) -> anyhow::Result<usize> {
+        self.distributed_only("add_worker")?;
         let mut cmd = Command::new(binary("conveyor-worker"));
         self.common_env(&mut cmd);
         cmd.envs(env.iter().copied());
@@ -332,11 +420,8 @@ impl Stack {
         cmd.args([
             "--concurrency",
             &self.options.worker_concurrency.to_string(),
-        ])
-        .env("LLM_PROVIDER", "openai-compatible")
-        .env("LLM_BASE_URL", &self.llm_url)
-        .env("LLM_MODEL", "fake")
-        .env("LLM_API_KEY", "test-key");
+        ]);
+        llm_env(&mut cmd, &self.llm_url);
         self.workers
             .push(cmd.spawn().context("spawn conveyor-worker")?);
         Ok(self.workers.len() - 1)
@@ -347,10 +432,12 @@ impl Stack {
         &mut self,
         index: usize,
     ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        self.distributed_only("worker_exit_status")?;
         Ok(self.workers[index].try_wait()?)
     }
 
-    /// The API process's id, for reading its memory and CPU time from `/proc` (benchmarks).
+    /// The API process's id (in embedded mode, `conveyor dev`'s), for reading its memory and
+    /// CPU time from `/proc` (benchmarks).
     pub fn api_pid(&self) -> Option<u32> {
         self.api.id()
     }
@@ -367,12 +454,14 @@ impl Stack {
 
     /// Kills a worker with SIGKILL (no cleanup).
     pub async fn kill_worker(&mut self, index: usize) -> anyhow::Result<()> {
+        self.distributed_only("kill_worker")?;
         self.workers[index].kill().await?;
         Ok(())
     }
 
     /// Kills (SIGKILL) the worker process whose pid is `pid`; `false` if none has it.
     pub async fn kill_worker_with_pid(&mut self, pid: u32) -> anyhow::Result<bool> {
+        self.distributed_only("kill_worker_with_pid")?;
         for worker in &mut self.workers {
             if worker.id() == Some(pid) {
                 worker.kill().await?;
@@ -382,12 +471,15 @@ impl Stack {
         Ok(false)
     }
 
-    /// The pid of the worker holding `run_id` (worker names are `host:pid:random`).
+    /// The pid of the worker holding `run_id` (worker names are `host:pid:random`); in
+    /// embedded mode, `conveyor dev`'s.
     pub async fn holder_pid(&self, run_id: &str) -> anyhow::Result<Option<u32>> {
-        let db = self.db.pool().await?;
-        let worker: Option<String> = sqlx::query_scalar("SELECT worker FROM runs WHERE id = $1")
+        let worker: Option<String> = self
+            .sql()
+            .await?
+            .query("SELECT worker FROM runs WHERE id = $1")
             .bind(run_id)
-            .fetch_one(&db)
+            .scalar()
             .await?;
         Ok(worker.and_then(|w| w.split(':').nth(1).and_then(|pid| pid.parse().ok())))
     }
@@ -414,6 +506,7 @@ impl Stack {
     /// Starts another API process on the same Postgres and Redis (a second replica behind a
     /// load balancer, say) and returns its base URL once it is ready.
     pub async fn add_api(&mut self) -> anyhow::Result<String> {
+        self.distributed_only("add_api")?;
         let addr = free_addr();
         let api = spawn_api(&self.options, &self.services(), addr)?;
         self.more_apis.push(api);
@@ -463,11 +556,15 @@ impl Stack {
         stream.collect_until_terminal(Duration::from_secs(30)).await
     }
 
-    /// Scrapes a `/metrics` endpoint: the API's (`None`) or a worker's (`Some(index)`).
+    /// Scrapes a `/metrics` endpoint: the API's (`None`; in embedded mode, `conveyor dev`'s)
+    /// or a worker's (`Some(index)`).
     pub async fn scrape(&self, worker: Option<usize>) -> anyhow::Result<Scrape> {
         let base = match worker {
             None => self.api_url.as_str(),
-            Some(index) => self.worker_metrics_urls[index].as_str(),
+            Some(index) => {
+                self.distributed_only("scraping a worker")?;
+                self.worker_metrics_urls[index].as_str()
+            }
         };
         let response = self.http.get(format!("{base}/metrics")).send().await?;
         anyhow::ensure!(
@@ -510,14 +607,20 @@ struct Services<'a> {
 fn common_env(cmd: &mut Command, options: &StackOptions, services: &Services<'_>) {
     cmd.env("DATABASE_URL", services.database_url)
         .env("REDIS_URL", services.redis_url)
-        .env("REDIS_PREFIX", services.redis_prefix)
-        .env(
-            "RUST_LOG",
-            std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
-        )
-        .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .stdout(Stdio::null())
-        .kill_on_drop(true);
+        .env("REDIS_PREFIX", services.redis_prefix);
+    process_env(cmd, options);
+}
+
+/// What every service process gets, in either mode: the log filter, the test's extra
+/// environment, and where its output goes.
+fn process_env(cmd: &mut Command, options: &StackOptions) {
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("CONVEYOR_TEST_LOGS").unwrap_or_else(|_| "warn".to_owned()),
+    )
+    .envs(options.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    .stdout(Stdio::null())
+    .kill_on_drop(true);
     let log_file = options.log_file.as_ref().map(|path| {
         std::fs::OpenOptions::new()
             .create(true)
@@ -530,6 +633,61 @@ fn common_env(cmd: &mut Command, options: &StackOptions, services: &Services<'_>
     } else if options.quiet {
         cmd.stderr(Stdio::null());
     }
+}
+
+/// Points a process's model at the fake LLM.
+fn llm_env(cmd: &mut Command, llm_url: &str) {
+    cmd.env("LLM_PROVIDER", "openai-compatible")
+        .env("LLM_BASE_URL", llm_url)
+        .env("LLM_MODEL", "fake")
+        .env("LLM_API_KEY", "test-key");
+}
+
+/// Starts the fake LLM and returns it with its base URL.
+async fn start_fake_llm(options: &StackOptions) -> anyhow::Result<(Child, String)> {
+    let mut fake = Command::new(binary("fake-llm"));
+    fake.args(["--addr", "127.0.0.1:0"])
+        .args(&options.fake_llm_args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true);
+    if options.quiet {
+        fake.stderr(Stdio::null());
+    }
+    let mut fake_llm = fake.spawn().context("spawn fake-llm")?;
+    let stdout = fake_llm.stdout.take().context("fake-llm stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("fake-llm did not start")??
+        .unwrap_or_default();
+    let llm_addr = first
+        .strip_prefix("listening on ")
+        .context("fake-llm's first line")?
+        .trim()
+        .to_owned();
+    Ok((fake_llm, format!("http://{llm_addr}/v1")))
+}
+
+/// `conveyor dev` on the stack's file: the API's and the workers' environment, without
+/// `DATABASE_URL`/`REDIS_URL` (the file is the flag).
+fn spawn_embedded(
+    options: &StackOptions,
+    db: &TestDb,
+    addr: SocketAddr,
+    llm_url: &str,
+) -> anyhow::Result<Child> {
+    let path = db
+        .sqlite_path()
+        .context("an embedded stack's database is a file")?;
+    let mut cmd = Command::new(binary("conveyor"));
+    cmd.arg("dev")
+        .arg("--db")
+        .arg(&path)
+        .args(["--addr", &addr.to_string()])
+        .args(["--concurrency", &options.worker_concurrency.to_string()]);
+    llm_env(&mut cmd, llm_url);
+    process_env(&mut cmd, options);
+    cmd.spawn().context("spawn conveyor dev")
 }
 
 fn spawn_api(
@@ -552,6 +710,10 @@ impl Drop for Stack {
             .chain([&mut self.api, &mut self.fake_llm])
         {
             let _ = child.start_kill();
+        }
+        if self.options.mode == Mode::Embedded {
+            // The SQLite file goes away with `db`; there is no Redis.
+            return;
         }
         if self.redis_server.is_some() {
             // The private server goes away with its directory; nothing to clean.
