@@ -32,7 +32,7 @@ use std::{
 
 use anyhow::{Context, ensure};
 use clap::Parser;
-use conveyor_e2e::harness::{SseStream, Stack, StackOptions};
+use conveyor_e2e::harness::{Mode, SseStream, Stack, StackOptions};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
@@ -71,6 +71,7 @@ struct Args {
 impl Args {
     fn stack_options(&self, workers: usize) -> StackOptions {
         StackOptions {
+            mode: Mode::Distributed,
             workers,
             worker_concurrency: self.concurrency,
             fake_llm_args: vec![
