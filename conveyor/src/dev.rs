@@ -184,11 +184,17 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
             source,
         })?;
     let backends = Backends { db, bus, producer };
-    let tools = ServerSpec::bundled(
-        std::env::current_exe().map_or_else(|_| "conveyor".into(), |p| p.display().to_string()),
-        vec!["mcp".to_owned()],
-        [("DATABASE_URL".to_owned(), database_url)].into(),
-    );
+    // The bundled tools are this executable's `mcp` subcommand on the same file; a servers
+    // file, when given, replaces them as it does for a worker.
+    let servers = match worker_config.mcp_servers_file.as_deref() {
+        Some(file) => conveyor_worker::mcp::load_servers(Some(file))
+            .map_err(conveyor_worker::WorkerError::from)?,
+        None => vec![ServerSpec::bundled(
+            std::env::current_exe().map_or_else(|_| "conveyor".into(), |p| p.display().to_string()),
+            vec!["mcp".to_owned()],
+            [("DATABASE_URL".to_owned(), database_url)].into(),
+        )],
+    };
     let worker = tokio::spawn(conveyor_worker::run_with(
         worker_config,
         WorkerOptions {
@@ -197,7 +203,7 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
         },
         backends.clone(),
         LlmLimiter::unlimited(),
-        vec![tools],
+        servers,
         shutdown.clone(),
     ));
     println!(

@@ -246,7 +246,15 @@ async fn connect_sqlite(url: &str, max_connections: u32) -> Result<SqlitePool, D
         .connect_with(options)
         .await
         .map_err(DbError::Connect)?;
-    SQLITE_MIGRATOR.run(&pool).await?;
+    // sqlx takes no lock around SQLite migrations: several processes starting on a new file
+    // would each try to create the tables. Migrating inside one `BEGIN IMMEDIATE` makes the
+    // others wait for the write lock, then find the migrations applied.
+    let mut tx = pool
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(DbError::Connect)?;
+    SQLITE_MIGRATOR.run(&mut *tx).await?;
+    tx.commit().await.map_err(DbError::Connect)?;
     Ok(pool)
 }
 

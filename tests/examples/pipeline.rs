@@ -58,6 +58,16 @@ struct Args {
     /// Concurrent users per run; each value gets its own fresh stack.
     #[arg(long, value_delimiter = ',', default_value = "1,32")]
     users: Vec<usize>,
+    /// Deployments to measure, each U in each, in this order: `distributed` (conveyor-api +
+    /// workers on Postgres and Redis) and `embedded` (`conveyor dev`: one process, one SQLite
+    /// file; `--workers` does not apply, `--worker-concurrency` is its concurrency).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_enum,
+        default_value = "distributed,embedded"
+    )]
+    modes: Vec<ModeArg>,
     /// Measured turns per user (sequential, each in a new conversation); 0 skips the turn runs.
     #[arg(long, default_value_t = 50)]
     turns: usize,
@@ -113,6 +123,21 @@ struct Args {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ModeArg {
+    Distributed,
+    Embedded,
+}
+
+impl ModeArg {
+    fn mode(self) -> Mode {
+        match self {
+            Self::Distributed => Mode::Distributed,
+            Self::Embedded => Mode::Embedded,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum ClientKind {
     Reqwest,
     Raw,
@@ -120,7 +145,7 @@ enum ClientKind {
 }
 
 impl Args {
-    fn stack_options(&self, workers: usize, users: usize) -> StackOptions {
+    fn stack_options(&self, mode: Mode, workers: usize, users: usize) -> StackOptions {
         let mut fake_llm_args = vec![
             "--ttft-ms".to_owned(),
             self.ttft_ms.to_string(),
@@ -131,8 +156,7 @@ impl Args {
             fake_llm_args.extend(["--chunks".to_owned(), chunks.to_string()]);
         }
         StackOptions {
-            // It reads Postgres's counters and Redis's.
-            mode: Mode::Distributed,
+            mode,
             workers,
             worker_concurrency: self.worker_concurrency.max(users),
             fake_llm_args,
@@ -168,8 +192,9 @@ struct Turn {
     outcome: Result<Timings, String>,
 }
 
-/// The results of one U.
+/// The results of one U in one mode.
 struct PhaseReport {
+    mode: Mode,
     users: usize,
     worker_concurrency: usize,
     turns: Vec<Timings>,
@@ -205,9 +230,11 @@ async fn main() -> anyhow::Result<()> {
         ensure_fd_limit(args.idle_sse as u64 + SPARE_FDS)?;
     }
     let mut phases = Vec::new();
-    for &users in args.users.iter().filter(|_| args.turns > 0) {
-        eprintln!("pipeline: U={users} × T={} …", args.turns);
-        phases.push(throughput(&args, users).await?);
+    for &mode in &args.modes {
+        for &users in args.users.iter().filter(|_| args.turns > 0) {
+            eprintln!("pipeline: {mode:?} U={users} × T={} …", args.turns);
+            phases.push(throughput(&args, mode.mode(), users).await?);
+        }
     }
     let idle = if args.idle_sse > 0 {
         eprintln!("pipeline: {} idle SSE connections …", args.idle_sse);
@@ -222,8 +249,8 @@ async fn main() -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Throughput and latency
 
-async fn throughput(args: &Args, users: usize) -> anyhow::Result<PhaseReport> {
-    let options = args.stack_options(args.workers, users);
+async fn throughput(args: &Args, mode: Mode, users: usize) -> anyhow::Result<PhaseReport> {
+    let options = args.stack_options(mode, args.workers, users);
     let worker_concurrency = options.worker_concurrency;
     let stack = Stack::start(options).await?;
     let http = reqwest::Client::builder()
@@ -245,25 +272,34 @@ async fn throughput(args: &Args, users: usize) -> anyhow::Result<PhaseReport> {
         eprintln!("pipeline: {warm_errors} warm-up turns failed (not counted)");
     }
 
-    let stats_before = if args.server_stats {
+    // Postgres and Redis counters describe the distributed deployment only.
+    let distributed = mode == Mode::Distributed;
+    let stats_before = if args.server_stats && distributed {
         Some(ServerStats::read(&stack).await?)
     } else {
         None
     };
     let pids = Pids::of(&stack);
-    let pg = stack.db.pool().await?;
-    let cpu_before = pids.cpu_snapshot(&postgres_pids(&pg).await?);
+    let pg = if distributed {
+        Some(stack.db.pool().await?)
+    } else {
+        None
+    };
+    let cpu_before = pids.cpu_snapshot(&postgres_pids(pg.as_ref()).await?);
     let started = Instant::now();
     let turns = run_users(&ctx, users, args.turns, "turn", args.deadline()).await;
     let wall = started.elapsed();
-    let cpu_after = pids.cpu_snapshot(&postgres_pids(&pg).await?);
-    pg.close().await;
+    let cpu_after = pids.cpu_snapshot(&postgres_pids(pg.as_ref()).await?);
+    if let Some(pg) = pg {
+        pg.close().await;
+    }
     let server_stats = match stats_before {
         Some(before) => Some(ServerStats::read(&stack).await?.since(&before)),
         None => None,
     };
 
     let mut report = PhaseReport {
+        mode,
         users,
         worker_concurrency,
         turns: Vec::new(),
@@ -617,17 +653,37 @@ async fn db_timings(
     stack: &Stack,
     run_ids: &[String],
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let pool = stack.db.pool().await?;
-    let rows: Vec<(Option<f64>, Option<f64>)> = sqlx::query_as(
-        "SELECT (EXTRACT(EPOCH FROM started_at - queued_at) * 1000)::float8,
-                (EXTRACT(EPOCH FROM finished_at - started_at) * 1000)::float8
-         FROM runs WHERE id = ANY($1)",
-    )
-    .bind(run_ids)
-    .fetch_all(&pool)
-    .await
-    .context("read run timestamps")?;
-    pool.close().await;
+    let rows: Vec<(Option<f64>, Option<f64>)> = if stack.mode() == Mode::Embedded {
+        let path = stack
+            .db
+            .sqlite_path()
+            .context("the embedded stack's file")?;
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite:{}", path.display())).await?;
+        let rows = sqlx::query_as(
+            "SELECT (julianday(started_at) - julianday(queued_at)) * 86400000.0,
+                    (julianday(finished_at) - julianday(started_at)) * 86400000.0
+             FROM runs WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(sqlx::types::Json(run_ids))
+        .fetch_all(&pool)
+        .await
+        .context("read run timestamps")?;
+        pool.close().await;
+        rows
+    } else {
+        let pool = stack.db.pool().await?;
+        let rows = sqlx::query_as(
+            "SELECT (EXTRACT(EPOCH FROM started_at - queued_at) * 1000)::float8,
+                    (EXTRACT(EPOCH FROM finished_at - started_at) * 1000)::float8
+             FROM runs WHERE id = ANY($1)",
+        )
+        .bind(run_ids)
+        .fetch_all(&pool)
+        .await
+        .context("read run timestamps")?;
+        pool.close().await;
+        rows
+    };
     let ms = |v: Option<f64>| {
         v.filter(|v| *v >= 0.0)
             .map(|v| Duration::from_secs_f64(v / 1000.0))
@@ -788,7 +844,7 @@ impl ServerStats {
 /// Holds `--idle-sse` connections open on one run that stays queued (a stack without workers),
 /// and reads the API's resident memory before and after.
 async fn idle_sse(args: &Args) -> anyhow::Result<IdleReport> {
-    let stack = Stack::start(args.stack_options(0, 1)).await?;
+    let stack = Stack::start(args.stack_options(Mode::Distributed, 0, 1)).await?;
     let (status, accepted) = stack
         .post_chat("idle", json!({"message": "add a run no worker will take"}))
         .await?;
@@ -964,7 +1020,12 @@ struct Pids {
 impl Pids {
     fn of(stack: &Stack) -> Self {
         let workers = stack.worker_pids();
-        let mcp = workers.iter().flat_map(|&pid| children(pid)).collect();
+        // Embedded, the one process is the API and the worker: its child is the MCP server.
+        let mcp = workers
+            .iter()
+            .chain(stack.api_pid().iter().filter(|_| workers.is_empty()))
+            .flat_map(|&pid| children(pid))
+            .collect();
         Self {
             api: stack.api_pid(),
             workers,
@@ -1035,7 +1096,13 @@ struct PostgresPids {
     background: Vec<u32>,
 }
 
-async fn postgres_pids(pool: &sqlx::PgPool) -> anyhow::Result<PostgresPids> {
+async fn postgres_pids(pool: Option<&sqlx::PgPool>) -> anyhow::Result<PostgresPids> {
+    let Some(pool) = pool else {
+        return Ok(PostgresPids {
+            backends: Vec::new(),
+            background: Vec::new(),
+        });
+    };
     let rows: Vec<(i32, bool)> = sqlx::query_as(
         "SELECT pid, backend_type <> 'client backend'
          FROM pg_stat_activity
@@ -1252,7 +1319,9 @@ fn render(args: &Args, phases: &[PhaseReport], idle: Option<&IdleReport>) -> Str
         out,
         "- Stack: conveyor-api + {} × conveyor-worker (concurrency {}) with conveyor-mcp + \
          fake-llm + Postgres + Redis, all on this {cores}-CPU machine with the client; release \
-         build; a fresh stack (database, Redis prefix) per column.",
+         build; a fresh stack (database, Redis prefix) per column. `embedded` columns: \
+         `conveyor dev` (API + worker pool in one process, same concurrency) with its \
+         `conveyor mcp` child on one SQLite file, + fake-llm; no Postgres, no Redis.",
         args.workers,
         if concurrency.is_empty() {
             "–".to_owned()
@@ -1304,7 +1373,11 @@ fn render(args: &Args, phases: &[PhaseReport], idle: Option<&IdleReport>) -> Str
         let mut header = "| (ms unless noted) |".to_owned();
         let mut rule = "| --- |".to_owned();
         for phase in phases {
-            let _ = write!(header, " U={} |", phase.users);
+            let mode = match phase.mode {
+                Mode::Distributed => "distributed",
+                Mode::Embedded => "embedded",
+            };
+            let _ = write!(header, " {mode} U={} |", phase.users);
             rule.push_str(" ---: |");
         }
         let _ = writeln!(out, "{header}\n{rule}");

@@ -468,11 +468,8 @@ pub async fn lock_owned(
     )
     .fetch_optional(e)
     .await,
-    sqlite(e) => sqlx::query_as(concat!("SELECT ", run_columns!(), " FROM runs WHERE id = ?1 AND user_id = ?2"))
-        .bind(id)
-        .bind(user.as_str())
-        .fetch_optional(e)
-        .await,
+    // The transaction's write lock is the lock.
+    sqlite(e) => get(e, user, id).await,
     )
 }
 
