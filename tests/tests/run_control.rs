@@ -259,23 +259,9 @@ async fn interrupt_cancels_the_active_run_then_runs_the_new_one(mode: Mode) -> a
 
 /// The process running a run is killed just after a cancel was requested, before its
 /// heartbeat saw it (within a second): the run still ends `cancelled`, and the client resuming
-/// its stream gets `run.cancelled` after what it had seen, gap-free. Embedded, the next start
-/// ends it.
-mod a_run_whose_process_dies_right_after_a_cancel_ends_cancelled {
-    use super::Mode;
-
-    #[tokio::test]
-    async fn embedded() -> anyhow::Result<()> {
-        super::a_run_whose_process_dies_right_after_a_cancel_ends_cancelled(Mode::Embedded).await
-    }
-
-    #[tokio::test]
-    #[ignore = "known bug: a worker killed within a second of a cancel leaves its run `running` \
-                for good (a claim skips cancel-requested runs and nothing else ends them)"]
-    async fn distributed() -> anyhow::Result<()> {
-        super::a_run_whose_process_dies_right_after_a_cancel_ends_cancelled(Mode::Distributed).await
-    }
-}
+/// its stream gets `run.cancelled` after what it had seen, gap-free. Distributed, the worker
+/// that takes the dead worker's run over ends it; embedded, the next start does.
+both_modes!(a_run_whose_process_dies_right_after_a_cancel_ends_cancelled);
 async fn a_run_whose_process_dies_right_after_a_cancel_ends_cancelled(
     mode: Mode,
 ) -> anyhow::Result<()> {

@@ -108,6 +108,16 @@ impl RunExecutor {
                 _ => Ok(()),
             };
         };
+        if claim.cancel_requested && claim.status == "running" {
+            // Its worker died after the cancel was asked for, before it saw it: end it now
+            // with what was committed (the dead attempt's answer is gone).
+            if run_control::cancel_abandoned(&self.db, &self.bus, run_id).await? {
+                tracing::info!(run_id = %run_id, "cancelled a run whose worker died");
+                self.enqueue_next(&claim.conversation_id).await;
+                self.settle_batch(claim.batch_id.as_deref()).await;
+            }
+            return Ok(());
+        }
         let result = self.run_claimed(&claim, run_id, attempt).await;
         if result.is_err() {
             // Let the retry (or another worker) take the run at once instead of waiting for

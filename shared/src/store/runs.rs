@@ -330,8 +330,8 @@ pub struct Claim {
 
 /// Claims a run for `worker` (one statement: the worker's pickup path is latency-critical).
 /// The claim succeeds if the run is `queued` and not cancelled, or `running` with a heartbeat
-/// older than `stale_after_secs` (its worker died), and no earlier run of its conversation is
-/// unfinished. `None` when the run does not exist.
+/// older than `stale_after_secs` (its worker died; cancelled or not), and no earlier run of its
+/// conversation is unfinished. `None` when the run does not exist.
 pub async fn claim(
     ex: impl Into<Ex<'_>>,
     id: &str,
@@ -346,8 +346,10 @@ pub async fn claim(
         r#"WITH claimed AS (
                UPDATE runs SET status = 'running', attempt = attempt + 1, worker = $2,
                       started_at = COALESCE(started_at, now()), heartbeat_at = now()
-               WHERE id = $1 AND NOT cancel_requested
-                 AND (status = 'queued'
+               -- A dead worker's run is taken over even when a cancel was asked for: the new
+               -- attempt ends it cancelled (nothing else would end it).
+               WHERE id = $1
+                 AND ((status = 'queued' AND NOT cancel_requested)
                       OR (status = 'running' AND heartbeat_at < now() - make_interval(secs => $3)))
                  -- A batch run not started within the batch's completion window never starts
                  -- (the sweeper ends it as expired).
@@ -393,8 +395,8 @@ pub async fn claim(
             r"UPDATE runs SET status = 'running', attempt = attempt + 1, worker = ?2,
                      started_at = coalesce(started_at, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
                      heartbeat_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-              WHERE id = ?1 AND NOT cancel_requested
-                AND (status = 'queued'
+              WHERE id = ?1
+                AND ((status = 'queued' AND NOT cancel_requested)
                      OR (status = 'running'
                          AND heartbeat_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-' || ?3 || ' seconds')))
                 AND NOT (status = 'queued' AND batch_id IS NOT NULL AND EXISTS (
