@@ -257,11 +257,11 @@ async fn interrupt_cancels_the_active_run_then_runs_the_new_one(mode: Mode) -> a
     Ok(())
 }
 
+both_modes!(a_run_whose_process_dies_right_after_a_cancel_ends_cancelled);
 /// The process running a run is killed just after a cancel was requested, before its
 /// heartbeat saw it (within a second): the run still ends `cancelled`, and the client resuming
 /// its stream gets `run.cancelled` after what it had seen, gap-free. Distributed, the worker
 /// that takes the dead worker's run over ends it; embedded, the next start does.
-both_modes!(a_run_whose_process_dies_right_after_a_cancel_ends_cancelled);
 async fn a_run_whose_process_dies_right_after_a_cancel_ends_cancelled(
     mode: Mode,
 ) -> anyhow::Result<()> {
