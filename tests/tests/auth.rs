@@ -246,6 +246,13 @@ async fn secrets_tokens_and_message_bodies_stay_out_of_the_logs(mode: Mode) -> a
         .send()
         .await?;
     assert_eq!(refused.status(), 422);
+    // The worker logs the run's end just after publishing it: wait for the line before the
+    // processes are stopped.
+    conveyor_e2e::harness::eventually(std::time::Duration::from_secs(10), || async {
+        let logs = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(logs.contains("run finished").then_some(()))
+    })
+    .await?;
     drop(stack);
 
     let logs = std::fs::read_to_string(&log)?;
