@@ -390,27 +390,12 @@ async fn a_crash_between_the_tools_commit_and_the_journal_write_creates_the_task
 
     let mut events = seen;
     events.extend(rest);
-    assert_gap_free(&events, 1);
+    assert_taken_over_once(&events);
     let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
-    assert_eq!(
-        events.iter().filter(|e| e.is_terminal()).count(),
-        1,
-        "{kinds:?}"
-    );
-    assert_eq!(kinds.last(), Some(&"run.completed"), "{kinds:?}");
-    assert_eq!(
-        kinds.iter().filter(|k| **k == "message.completed").count(),
-        1,
-        "{kinds:?}"
-    );
-    let retry = kinds.iter().position(|k| *k == "run.retrying");
-    let restarted = kinds.iter().rposition(|k| *k == "run.started");
-    assert!(
-        matches!((retry, restarted), (Some(r), Some(s)) if r < s),
-        "the takeover announces itself: {kinds:?}"
-    );
-    let restarted = &events[restarted.unwrap_or_default()];
-    assert_eq!(restarted.data["attempt"], 2);
+    let restarted = events
+        .iter()
+        .rfind(|e| e.event == "run.started")
+        .context("run.started")?;
     assert!(
         restarted.data["worker"]
             .as_str()
