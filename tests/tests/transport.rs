@@ -17,6 +17,16 @@ async fn responses_carry_request_ids_security_headers_and_only_allowed_cors(
     })
     .await?;
 
+    // Readiness names the mode's backends.
+    let (status, ready) = stack.get_json("/readyz").await?;
+    let expected = match mode {
+        Mode::Distributed => {
+            serde_json::json!({"status": "ready", "postgres": true, "redis": true})
+        }
+        Mode::Embedded => serde_json::json!({"status": "ready", "database": true, "events": true}),
+    };
+    assert_eq!((status, ready), (200, expected));
+
     // A request id is generated when absent, echoed when given; error answers carry it too.
     let response = stack
         .http

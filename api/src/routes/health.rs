@@ -18,25 +18,30 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
-/// Postgres and Redis answer (each within [`PROBE_TIMEOUT`]).
+/// The database and the event bus answer (each within [`PROBE_TIMEOUT`]): Postgres and Redis,
+/// or, in the embedded mode, the SQLite file (`database`) and the in-process bus (`events`).
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let postgres = async { state.db.ping().await.is_ok() };
-    let redis = async { state.bus.ping().await.is_ok() };
-    let (postgres, redis) = tokio::join!(
-        tokio::time::timeout(PROBE_TIMEOUT, postgres),
-        tokio::time::timeout(PROBE_TIMEOUT, redis),
+    let database = async { state.db.ping().await.is_ok() };
+    let events = async { state.bus.ping().await.is_ok() };
+    let (database, events) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, database),
+        tokio::time::timeout(PROBE_TIMEOUT, events),
     );
-    let postgres = postgres.unwrap_or(false);
-    let redis = redis.unwrap_or(false);
-    let status = if postgres && redis {
+    let database = database.unwrap_or(false);
+    let events = events.unwrap_or(false);
+    let status = if database && events {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(
-            json!({"status": if status == StatusCode::OK { "ready" } else { "unavailable" }, "postgres": postgres, "redis": redis}),
-        ),
-    )
+    let (database_key, events_key) = if state.db.is_sqlite() {
+        ("database", "events")
+    } else {
+        ("postgres", "redis")
+    };
+    let mut body =
+        json!({"status": if status == StatusCode::OK { "ready" } else { "unavailable" }});
+    body[database_key] = database.into();
+    body[events_key] = events.into();
+    (status, Json(body))
 }
