@@ -66,6 +66,16 @@ pub enum DevError {
     Config(#[from] ConfigError),
     #[error("cannot start the demo model: {0}")]
     Demo(std::io::Error),
+    #[error(
+        "another conveyor dev is running on {0} (one process per file: its runs would be taken \
+         over twice); stop it or pick another --db"
+    )]
+    InUse(PathBuf),
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Db(#[from] conveyor_shared::db::DbError),
     #[error("database: {0}")]
@@ -107,6 +117,9 @@ pub async fn run(args: DevArgs) -> Result<(), DevError> {
 
 /// Serves until `shutdown` is cancelled.
 pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), DevError> {
+    // Held for the life of the process: at start-up every `running` run is taken to be an
+    // orphan of the last process, which is only true when no other process uses the file.
+    let _lock = lock_file(&args.db)?;
     let database_url = format!("sqlite:{}", args.db.display());
     let mut env = DevEnv {
         set: HashMap::from([
@@ -269,4 +282,26 @@ async fn requeue_unfinished(db: &Db, producer: &JobProducer) -> Result<(), DevEr
         producer.push(QueueName::Batch, RunJob::new(run_id)).await?;
     }
     Ok(())
+}
+
+/// Takes the exclusive lock of `{db}.lock` (released by the OS when the process ends, even
+/// when it is killed).
+fn lock_file(db: &std::path::Path) -> Result<std::fs::File, DevError> {
+    let mut path = db.as_os_str().to_owned();
+    path.push(".lock");
+    let path = PathBuf::from(path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| DevError::Lock {
+            path: path.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(DevError::InUse(db.to_owned())),
+        Err(std::fs::TryLockError::Error(source)) => Err(DevError::Lock { path, source }),
+    }
 }
