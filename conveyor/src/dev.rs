@@ -208,39 +208,49 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
             [("DATABASE_URL".to_owned(), database_url)].into(),
         )],
     };
-    let worker = tokio::spawn(conveyor_worker::run_with(
-        worker_config,
-        WorkerOptions {
-            queues: QueueName::ALL.to_vec(),
-            concurrency: args.concurrency,
-        },
-        backends.clone(),
-        LlmLimiter::unlimited(),
-        servers,
-        shutdown.clone(),
-    ));
     println!(
         "Conveyor dev: http://{}/ (data in {}{})",
         args.addr,
         args.db.display(),
         if args.demo { ", demo model" } else { "" }
     );
-    let api = conveyor_api::serve_with(
-        api_config,
-        listener,
-        ApiBackends {
-            backends,
-            hub,
-            limits,
-            metrics,
-        },
-        tracker,
-        streams_stop,
-        shutdown.clone(),
-    )
-    .await;
-    shutdown.cancel();
-    let worker = worker.await.unwrap_or(Ok(()));
+    // The worker pool and the API run side by side in this task; whichever stops first (the
+    // signal, or a failure) stops the other.
+    let worker = async {
+        let result = conveyor_worker::run_with(
+            worker_config,
+            WorkerOptions {
+                queues: QueueName::ALL.to_vec(),
+                concurrency: args.concurrency,
+            },
+            backends.clone(),
+            LlmLimiter::unlimited(),
+            servers,
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        result
+    };
+    let api = async {
+        let result = conveyor_api::serve_with(
+            api_config,
+            listener,
+            ApiBackends {
+                backends: backends.clone(),
+                hub,
+                limits,
+                metrics,
+            },
+            tracker,
+            streams_stop,
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        result
+    };
+    let (api, worker) = tokio::join!(api, worker);
     api?;
     worker?;
     Ok(())
