@@ -25,10 +25,8 @@ use conveyor_shared::{
     config::{ApiConfig, ConfigError, Env, ProcessEnv, WorkerConfig},
     db::{CommitMode, Db},
     events::{EventBus, EventHub},
-    ids::RunId,
     llm::LlmLimiter,
     queue::{JobProducer, LocalQueue, QueueName, RunJob},
-    run_control,
     store::runs,
 };
 use conveyor_worker::{WorkerOptions, mcp::ServerSpec};
@@ -91,8 +89,6 @@ pub enum DevError {
     Worker(#[from] conveyor_worker::WorkerError),
     #[error(transparent)]
     Queue(#[from] conveyor_shared::queue::QueueError),
-    #[error("cannot end an interrupted run: {0}")]
-    Control(#[from] run_control::ControlError),
 }
 
 /// The process environment with the embedded mode's settings laid over it.
@@ -149,8 +145,8 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
     };
     let api_config = ApiConfig::from_env(&env)?;
     let worker_config = match WorkerConfig::from_env(&env) {
-        Err(error @ ConfigError::Missing { .. }) if error.to_string().contains("API_KEY") => {
-            return Err(DevError::NoModel(error));
+        Err(ConfigError::Missing { var, hint }) if var.ends_with("API_KEY") => {
+            return Err(DevError::NoModel(ConfigError::Missing { var, hint }));
         }
         other => other?,
     };
@@ -187,7 +183,6 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
         api_config.max_sse_streams_per_user,
         metrics.sse_streams.clone(),
     );
-    cancel_interrupted_cancels(&db, &bus).await?;
     requeue_unfinished(&db, &producer).await?;
 
     let listener = TcpListener::bind(args.addr)
@@ -253,26 +248,6 @@ pub async fn serve(args: DevArgs, shutdown: CancellationToken) -> Result<(), Dev
     let (api, worker) = tokio::join!(api, worker);
     api?;
     worker?;
-    Ok(())
-}
-
-/// Ends the runs the last process left `running` with a cancel requested: it was killed
-/// before its heartbeat saw the cancel, and a claim never takes a run whose cancel was
-/// requested, so they would otherwise stay `running` for good (and keep their conversation
-/// busy).
-async fn cancel_interrupted_cancels(db: &Db, bus: &EventBus) -> Result<(), DevError> {
-    let Db::Sqlite(pool) = db else {
-        unreachable!("conveyor dev opens a sqlite: URL")
-    };
-    for id in runs::running_with_cancel_requested(pool).await? {
-        let Ok(run_id) = RunId::parse(&id) else {
-            tracing::warn!(run_id = id, "malformed run id; left as it is");
-            continue;
-        };
-        if run_control::cancel_abandoned(db, bus, &run_id).await? {
-            tracing::info!(run_id = %run_id, "cancelled a run whose cancel the last stop interrupted");
-        }
-    }
     Ok(())
 }
 

@@ -27,9 +27,9 @@ pub async fn cancel_queued(db: &Db, bus: &EventBus, run_id: &RunId) -> Result<bo
     cancel_in_status(db, bus, run_id, "queued").await
 }
 
-/// Cancels `run_id` if it is `running` with no live worker, which only the caller can know
-/// (the embedded mode at start-up: one process per file, so no run has a worker yet). The
-/// dead attempt's uncommitted answer is gone; the run ends with what was committed.
+/// Cancels `run_id` if it is `running` with no live worker, which only the caller can know (a
+/// worker that has just taken over a dead worker's run whose cancel was requested). The dead
+/// attempt's uncommitted answer is gone; the run ends with what was committed.
 pub async fn cancel_abandoned(
     db: &Db,
     bus: &EventBus,

@@ -603,17 +603,6 @@ pub async fn release_all_running(pool: &sqlx::SqlitePool) -> sqlx::Result<u64> {
     Ok(done.rows_affected())
 }
 
-/// The runs a stopped embedded process left `running` with a cancel requested: their worker
-/// died before its heartbeat saw the cancel, and a claim never takes a run whose cancel was
-/// requested, so nothing would ever end them. The embedded mode ends them at start-up.
-pub async fn running_with_cancel_requested(pool: &sqlx::SqlitePool) -> sqlx::Result<Vec<String>> {
-    sqlx::query_scalar(
-        "SELECT id FROM runs WHERE status = 'running' AND cancel_requested ORDER BY queued_at",
-    )
-    .fetch_all(pool)
-    .await
-}
-
 /// Locks the run for a final commit and returns its status and attempt.
 pub async fn lock(tx: impl Into<Ex<'_>>, id: &str) -> sqlx::Result<Option<(String, i32)>> {
     per_db!(tx,
