@@ -1,10 +1,10 @@
 //! Ending a run from outside its worker: cancelling one that has not started, or one whose
 //! worker is gone.
 //!
-//! Shared by the API (`POST …/cancel`, `multitask=interrupt`), the worker (a job for a run
-//! whose cancel was requested before it started) and the embedded mode's start-up (a run whose
-//! cancel the last process did not live to carry out), so all end it the same way: final
-//! status, the durable `run.cancelled` event and the live one at the same seq.
+//! Shared by the API (`POST …/cancel`, `multitask=interrupt`) and the worker (a job for a run
+//! whose cancel was requested before it started, or a dead worker's run whose cancel it never
+//! saw), so all end it the same way: final status, the durable `run.cancelled` event and the
+//! live one at the same seq.
 
 use crate::{
     db::Db,
